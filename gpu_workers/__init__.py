@@ -1,0 +1,1 @@
+"""The Whisper side of Streamscribe: segment transcription and the Modal app that runs it on GPUs."""

@@ -1,0 +1,96 @@
+"""The FastAPI application: wiring of settings, backend, jobs and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+
+from service import __version__
+from service.backends import TranscriptionBackend, create_backend
+from service.errors import ServiceError
+from service.jobs import JobManager
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, backend: TranscriptionBackend | None = None) -> FastAPI:
+    """Build the service; `backend` overrides the one `settings.backend` names (for tests)."""
+    settings = settings or Settings.from_env()
+    backend = backend or create_backend(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.temp_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_job_folders(settings.temp_root)
+        # The model loads in the background so /healthz answers at once and /readyz
+        # reports 503 until it is loaded; jobs submitted meanwhile wait for it.
+        loading = asyncio.create_task(_start_backend(backend))
+        try:
+            yield
+        finally:
+            await app.state.jobs.close()
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await backend.close()
+
+    app = FastAPI(
+        title="Streamscribe",
+        version=__version__,
+        summary="Upload a video or audio file and stream its transcript as Server-Sent Events.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.jobs = JobManager(settings, backend)
+
+    @app.exception_handler(ServiceError)
+    async def service_error_handler(request: Request, error: ServiceError) -> JSONResponse:
+        return JSONResponse(error.to_json(), status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        wrapped = ServiceError(f"invalid request: {problems}", code="invalid_request")
+        return JSONResponse(wrapped.to_json(), status_code=422)
+
+    from service.routes import health, jobs, transcriptions
+
+    app.include_router(health.router)
+    app.include_router(transcriptions.router)
+    app.include_router(jobs.router)
+    _mount_web(app)
+    return app
+
+
+async def _start_backend(backend: TranscriptionBackend) -> None:
+    try:
+        await backend.start()
+    except Exception:
+        logger.exception("The %s backend failed to start; /readyz stays 503", backend.name)
+        raise
+    logger.info("The %s backend is ready", backend.name)
+
+
+def _remove_stale_job_folders(root: Path) -> None:
+    # Folders left by a previous process that was killed mid-job hold uploads nobody
+    # can resume, so they go at start-up.
+    for folder in root.glob("job-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _mount_web(app: FastAPI) -> None:
+    web = Path(__file__).resolve().parent.parent / "web"
+    if (web / "index.html").is_file():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=web, html=True), name="web")

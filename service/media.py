@@ -1,0 +1,183 @@
+"""Probe uploaded media with ffprobe: audio streams, duration, codec."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import MediaError
+
+logger = logging.getLogger(__name__)
+
+FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
+FFPROBE = shutil.which("ffprobe") or "ffprobe"
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    index: int
+    codec: str
+    channels: int
+    sample_rate: int
+    language: str | None
+    is_default: bool
+    start_time: float
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    format_name: str
+    duration: float | None
+    start_time: float
+    audio_streams: tuple[AudioStream, ...]
+    has_video: bool
+
+    def pick_audio(self, track: int | None = None) -> AudioStream:
+        """Return audio track number `track` (0-based among audio streams), else the default one.
+
+        Without a choice, the stream marked default wins, else the first.
+        """
+        if track is not None:
+            if not 0 <= track < len(self.audio_streams):
+                raise MediaError(
+                    f"audio track {track} does not exist; this file has "
+                    f"{len(self.audio_streams)} audio track(s), numbered from 0",
+                    code="invalid_audio_track",
+                    status_code=400,
+                )
+            return self.audio_streams[track]
+        for stream in self.audio_streams:
+            if stream.is_default:
+                return stream
+        return self.audio_streams[0]
+
+    def timeline_offset(self, stream: AudioStream) -> float:
+        """Seconds from the start of the file's timeline to the first audio sample."""
+        return max(0.0, stream.start_time - self.start_time)
+
+
+def _float(value: object, default: float | None = None) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+def parse_probe(report: dict) -> MediaInfo:
+    """Build `MediaInfo` from ffprobe's `-show_format -show_streams` JSON."""
+    streams = report.get("streams") or []
+    fmt = report.get("format") or {}
+    audio = []
+    starts = []
+    has_video = False
+    for stream in streams:
+        start = _float(stream.get("start_time"), 0.0) or 0.0
+        kind = stream.get("codec_type")
+        if kind == "video" and not (stream.get("disposition") or {}).get("attached_pic"):
+            has_video = True
+            starts.append(start)
+        if kind != "audio":
+            continue
+        starts.append(start)
+        tags = stream.get("tags") or {}
+        language = tags.get("language") or tags.get("LANGUAGE")
+        audio.append(
+            AudioStream(
+                index=int(stream.get("index", len(audio))),
+                codec=str(stream.get("codec_name") or "unknown"),
+                channels=int(stream.get("channels") or 0),
+                sample_rate=int(_float(stream.get("sample_rate"), 0.0) or 0),
+                language=None if language in (None, "und") else str(language),
+                is_default=bool((stream.get("disposition") or {}).get("default")),
+                start_time=start,
+            )
+        )
+    duration = _float(fmt.get("duration"))
+    if duration is None:
+        durations = [_float(s.get("duration")) for s in streams]
+        known = [d for d in durations if d is not None]
+        duration = max(known) if known else None
+    start_time = _float(fmt.get("start_time"))
+    if start_time is None:
+        start_time = min(starts) if starts else 0.0
+    start_time = min([start_time, *starts]) if starts else start_time
+    return MediaInfo(
+        format_name=str(fmt.get("format_name") or "unknown"),
+        duration=duration,
+        start_time=start_time,
+        audio_streams=tuple(audio),
+        has_video=has_video,
+    )
+
+
+def _explain_probe_failure(stderr: str, filename: str) -> MediaError:
+    lowered = stderr.lower()
+    if "moov atom not found" in lowered:
+        return MediaError(
+            f"{filename!r} is incomplete: its MP4 index (moov atom) is missing, which usually "
+            "means the upload or the recording was cut short; send the complete file",
+            code="incomplete_file",
+        )
+    return MediaError(
+        f"{filename!r} is not a media file ffmpeg can read; send a video or audio file "
+        "such as MP4, MKV, WebM, MP3, M4A or WAV",
+        code="not_media",
+        status_code=415,
+    )
+
+
+async def probe(path: Path, filename: str, *, timeout: float) -> MediaInfo:
+    """Run ffprobe on `path`, killing it after `timeout` seconds.
+
+    Raises `MediaError` for an empty file, a file that is not media, an incomplete MP4
+    and a file without an audio stream.
+    """
+    if path.stat().st_size == 0:
+        raise MediaError(
+            f"{filename!r} is empty (0 bytes); send a file with content",
+            code="empty_file",
+            status_code=400,
+        )
+    # An absolute path never starts with "-", so no file name can be read as an option.
+    args = [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json",
+            "-probesize", "50M", "-analyzeduration", "20M", str(path.resolve())]
+    process = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        raise MediaError(
+            f"probing {filename!r} took longer than {timeout:g} s; the file is probably damaged",
+            code="probe_timeout",
+        ) from None
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    message = stderr.decode("utf-8", "replace")
+    if process.returncode != 0:
+        logger.info("ffprobe rejected %r: %s", filename, message.strip()[-300:])
+        raise _explain_probe_failure(message, filename)
+    try:
+        info = parse_probe(json.loads(stdout or b"{}"))
+    except (ValueError, TypeError) as error:
+        raise _explain_probe_failure(message, filename) from error
+    if "moov atom not found" in message.lower():
+        raise _explain_probe_failure(message, filename)
+    if not info.audio_streams:
+        if info.has_video:
+            text = f"{filename!r} has no audio stream (video only); send a file with sound"
+        else:
+            text = f"{filename!r} has no audio stream; send a video or audio file with sound"
+        raise MediaError(text, code="no_audio_stream")
+    return info

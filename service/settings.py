@@ -1,0 +1,97 @@
+"""Service settings, read from `STREAMSCRIBE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _default_workers() -> int:
+    # One worker per two cores leaves CTranslate2 two threads each on big machines;
+    # on one or two cores every core gets its own single-threaded worker, which
+    # measured faster than one worker with two threads.
+    cores = os.cpu_count() or 1
+    return max(1, cores if cores <= 2 else cores // 2)
+
+
+@dataclass
+class Settings:
+    """Everything an operator can tune; each field maps to `STREAMSCRIBE_<NAME>`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Where the work goes: "local" (the faster-whisper pool on this machine) or "modal".
+    backend: str = "local"
+    model: str = "bundled"
+    device: str = "auto"
+    compute_type: str = "auto"
+    workers: int = field(default_factory=_default_workers)
+    threads_per_worker: int = 1
+    beam_size: int = 5
+
+    # Splitting, in seconds of audio.
+    first_segment_seconds: float = 8.0
+    segment_seconds: float = 30.0
+    max_segment_seconds: float = 45.0
+    min_pause_seconds: float = 0.3
+
+    # Limits on input.
+    max_upload_bytes: int = 2 * 1024**3
+    max_duration_seconds: float = 4 * 3600.0
+    probe_timeout_seconds: float = 20.0
+    decode_timeout_seconds: float = 600.0
+    decode_stall_seconds: float = 60.0
+    segment_timeout_seconds: float = 600.0
+
+    # Jobs.
+    max_active_jobs: int = 4
+    max_queued_jobs: int = 16
+    grace_seconds: float = 30.0
+    keepalive_seconds: float = 15.0
+    temp_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "streamscribe")
+
+    # Modal backend.
+    modal_app_name: str = "streamscribe"
+    modal_class_name: str = "WhisperWorker"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from `STREAMSCRIBE_*` variables, then apply `overrides`."""
+        environ = dict(os.environ if environ is None else environ)
+        settings = cls()
+        for item in fields(cls):
+            raw = environ.get(f"STREAMSCRIBE_{item.name.upper()}")
+            if raw is None:
+                continue
+            setattr(settings, item.name, _parse(item.name, raw, type(getattr(settings, item.name))))
+        for name, value in overrides.items():
+            if not hasattr(settings, name):
+                raise TypeError(f"unknown setting {name!r}")
+            setattr(settings, name, value)
+        settings.temp_root = Path(settings.temp_root)
+        return settings
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if issubclass(kind, Path):
+            return Path(raw)
+    except ValueError as error:
+        raise ValueError(
+            f"STREAMSCRIBE_{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from error
+    return raw
+
+
+def model_label(model: str) -> str:
+    """Return the name users see for the `model` setting ("bundled" is tiny.en)."""
+    return "tiny.en" if model in ("", "bundled") else model

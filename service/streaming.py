@@ -1,0 +1,39 @@
+"""Follow a job's event log on behalf of one HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.sse import ServerSentEvent
+
+from service.jobs import Job, JobManager
+
+RETRY_MILLISECONDS = 2000
+"""How long an `EventSource` waits before reconnecting, sent with the first event."""
+
+
+async def follow_job(manager: JobManager, job: Job, after: int = -1) -> AsyncIterator[ServerSentEvent]:
+    """Yield the job's events after id `after` as `ServerSentEvent`s, until `done`.
+
+    While the client reads, it counts as a listener; when it goes away (the
+    generator is closed), the job's grace period starts.
+    """
+    manager.attach(job)
+    try:
+        first = True
+        async for stored in job.follow(after):
+            event = stored.to_sse()
+            if first:
+                event.retry = RETRY_MILLISECONDS
+                first = False
+            yield event
+    finally:
+        manager.detach(job)
+
+
+def parse_last_event_id(value: str | None) -> int:
+    """Return the event id a client last saw, or -1 for none or a value that is not an id."""
+    if value is None:
+        return -1
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 10 else -1
