@@ -53,6 +53,11 @@ class Settings:
     keepalive_seconds: float = 15.0
     temp_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "streamscribe")
 
+    # Test hook: when above 0, the upload's own event stream closes from the server side
+    # after this many events, so tests can check that clients resume. Never set it in
+    # production.
+    test_break_stream_after: int = 0
+
     # Modal backend.
     modal_app_name: str = "streamscribe"
     modal_class_name: str = "WhisperWorker"

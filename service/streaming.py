@@ -12,16 +12,22 @@ RETRY_MILLISECONDS = 2000
 """How long an `EventSource` waits before reconnecting, sent with the first event."""
 
 
-async def follow_job(manager: JobManager, job: Job, after: int = -1) -> AsyncIterator[ServerSentEvent]:
+async def follow_job(manager: JobManager, job: Job, after: int = -1, *,
+                     break_after: int = 0) -> AsyncIterator[ServerSentEvent]:
     """Yield the job's events after id `after` as `ServerSentEvent`s, until `done`.
 
     While the client reads, it counts as a listener; when it goes away (the
-    generator is closed), the job's grace period starts.
+    generator is closed), the job's grace period starts. `break_after` > 0 ends the
+    stream early after that many events (the resume test hook).
     """
     manager.attach(job)
     try:
         first = True
+        sent = 0
         async for stored in job.follow(after):
+            if break_after and sent >= break_after and stored.event != "done":
+                return
+            sent += 1
             event = stored.to_sse()
             if first:
                 event.retry = RETRY_MILLISECONDS

@@ -69,5 +69,7 @@ async def _accept(request: Request) -> Job:
 )
 async def transcribe(request: Request, job: Annotated[Job, Depends(_accept)]) -> AsyncIterator[ServerSentEvent]:
     """Stream `job`, `segment`, `progress`, `error` and `done` events for an uploaded file."""
-    async for event in follow_job(request.app.state.jobs, job):
+    manager = request.app.state.jobs
+    break_after = manager.settings.test_break_stream_after
+    async for event in follow_job(manager, job, break_after=break_after):
         yield event
