@@ -116,9 +116,16 @@ def parse_probe(report: dict) -> MediaInfo:
     )
 
 
-def _explain_probe_failure(stderr: str, filename: str) -> MediaError:
+def _has_mp4_header(path: Path) -> bool:
+    # Every MP4, M4A and MOV file starts with a box whose type sits in bytes 4 to 8.
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+
+
+def _explain_probe_failure(stderr: str, filename: str, path: Path) -> MediaError:
     lowered = stderr.lower()
-    if "moov atom not found" in lowered:
+    if "moov atom not found" in lowered and _has_mp4_header(path):
         return MediaError(
             f"{filename!r} is incomplete: its MP4 index (moov atom) is missing, which usually "
             "means the upload or the recording was cut short; send the complete file",
@@ -167,13 +174,13 @@ async def probe(path: Path, filename: str, *, timeout: float) -> MediaInfo:
     message = stderr.decode("utf-8", "replace")
     if process.returncode != 0:
         logger.info("ffprobe rejected %r: %s", filename, message.strip()[-300:])
-        raise _explain_probe_failure(message, filename)
+        raise _explain_probe_failure(message, filename, path)
     try:
         info = parse_probe(json.loads(stdout or b"{}"))
     except (ValueError, TypeError) as error:
-        raise _explain_probe_failure(message, filename) from error
+        raise _explain_probe_failure(message, filename, path) from error
     if "moov atom not found" in message.lower():
-        raise _explain_probe_failure(message, filename)
+        raise _explain_probe_failure(message, filename, path)
     if not info.audio_streams:
         if info.has_video:
             text = f"{filename!r} has no audio stream (video only); send a file with sound"
