@@ -17,6 +17,10 @@ from service.backends import TranscriptionBackend, create_backend
 from service.errors import ServiceError
 from service.jobs import JobManager
 from service.settings import Settings
+from service.store import SqliteJobStore
+
+HOUSEKEEPING_SECONDS = 60.0
+"""How often finished jobs are checked against the memory and retention limits."""
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +29,27 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
     """Build the service; `backend` overrides the one `settings.backend` names (for tests)."""
     settings = settings or Settings.from_env()
     backend = backend or create_backend(settings)
+    store = SqliteJobStore(settings.database)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.temp_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_job_folders(settings.temp_root)
+        manager: JobManager = app.state.jobs
+        await manager.recover()
         # The model loads in the background so /healthz answers at once and /readyz
         # reports 503 until it is loaded; jobs submitted meanwhile wait for it.
         loading = asyncio.create_task(_start_backend(backend))
+        housekeeping = asyncio.create_task(_expire_jobs(manager))
         try:
             yield
         finally:
-            await app.state.jobs.close()
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            await manager.close()
+            for task in (loading, housekeeping):
+                task.cancel()
+            await asyncio.gather(loading, housekeeping, return_exceptions=True)
             await backend.close()
+            await store.close()
 
     app = FastAPI(
         title="Streamscribe",
@@ -49,7 +59,7 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
     )
     app.state.settings = settings
     app.state.backend = backend
-    app.state.jobs = JobManager(settings, backend)
+    app.state.jobs = JobManager(settings, backend, store)
 
     @app.exception_handler(ServiceError)
     async def service_error_handler(request: Request, error: ServiceError) -> JSONResponse:
@@ -63,10 +73,11 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
         wrapped = ServiceError(f"invalid request: {problems}", code="invalid_request")
         return JSONResponse(wrapped.to_json(), status_code=422)
 
-    from service.routes import health, jobs, transcriptions
+    from service.routes import health, jobs, openai_compat, transcriptions
 
     app.include_router(health.router)
     app.include_router(transcriptions.router)
+    app.include_router(openai_compat.router)
     app.include_router(jobs.router)
     _mount_web(app)
     return app
@@ -79,6 +90,15 @@ async def _start_backend(backend: TranscriptionBackend) -> None:
         logger.exception("The %s backend failed to start; /readyz stays 503", backend.name)
         raise
     logger.info("The %s backend is ready", backend.name)
+
+
+async def _expire_jobs(manager: JobManager) -> None:
+    while True:
+        await asyncio.sleep(min(HOUSEKEEPING_SECONDS, manager.settings.retention_seconds / 2))
+        try:
+            await manager.expire()
+        except Exception:
+            logger.exception("Expiring old jobs failed; retrying in %g s", HOUSEKEEPING_SECONDS)
 
 
 def _remove_stale_job_folders(root: Path) -> None:

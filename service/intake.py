@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 
 from starlette.requests import Request
@@ -88,9 +89,27 @@ def check_model(manager: JobManager, upload: Upload) -> None:
     )
 
 
-async def accept_job(request: Request, *, word_timestamps: bool | None = None) -> tuple[Job, Upload]:
+def wants_words(upload: Upload) -> bool:
+    """True when the form asks for word times, natively or in OpenAI's list field."""
+    granularities = [
+        value.strip().lower()
+        for name in ("timestamp_granularities[]", "timestamp_granularities")
+        for value in upload.fields.get(name, [])
+    ]
+    unknown = set(granularities) - {"word", "segment"}
+    if unknown:
+        raise ServiceError(
+            f"timestamp_granularities[] must be 'word' or 'segment', not {sorted(unknown)[0]!r}",
+            code="invalid_field",
+        )
+    return form_bool(upload, "word_timestamps") or "word" in granularities
+
+
+async def accept_job(request: Request, *,
+                     validate: Callable[[Upload], None] | None = None) -> tuple[Job, Upload]:
     """Store and probe the upload in `request`, then start its job.
 
+    `validate` checks endpoint-specific form fields before the file is probed.
     Raises `ServiceError` (4xx or 503) before anything is streamed; on any failure
     the job's folder is removed.
     """
@@ -104,13 +123,14 @@ async def accept_job(request: Request, *, word_timestamps: bool | None = None) -
         folder.mkdir(parents=True)
         upload = await receive_upload(request, folder, max_bytes=settings.max_upload_bytes)
         check_model(manager, upload)
+        if validate is not None:
+            validate(upload)
         options = TranscribeOptions(
             language=form_language(upload),
             prompt=(upload.value("prompt") or None),
             temperature=form_float(upload, "temperature", 0.0, 1.0),
             beam_size=settings.beam_size,
-            word_timestamps=(form_bool(upload, "word_timestamps")
-                             if word_timestamps is None else word_timestamps),
+            word_timestamps=wants_words(upload),
         )
         segment_seconds = form_float(upload, "segment_seconds", 5.0, settings.max_segment_seconds)
         track = form_int(upload, "audio_track", 0, 63)

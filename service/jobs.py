@@ -19,7 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpu_workers.segments import SAMPLE_RATE, SegmentInput, SegmentResult, TranscribeOptions
+from gpu_workers.segments import (
+    SAMPLE_RATE,
+    Cue,
+    SegmentInput,
+    SegmentResult,
+    TranscribeOptions,
+    Word,
+)
 from service.backends import TranscriptionBackend
 from service.decoder import AudioDecoder, DecodeSummary
 from service.errors import DecodeError, ServiceError
@@ -35,6 +42,7 @@ from service.events import (
 from service.media import AudioStream, MediaInfo
 from service.settings import Settings
 from service.splitter import SplitConfig
+from service.store import JobStore, StoredJob
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +56,8 @@ def new_job_id() -> str:
 class Job:
     id: str
     filename: str
-    folder: Path
-    input_path: Path
+    folder: Path | None
+    input_path: Path | None
     media: MediaInfo
     stream: AudioStream
     options: TranscribeOptions
@@ -63,6 +71,7 @@ class Job:
     seconds_done: float = 0.0
     finished_at: float | None = None
     task: asyncio.Task | None = None
+    store: JobStore | None = None
     listeners: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _grace_timer: asyncio.TimerHandle | None = None
@@ -85,21 +94,34 @@ class Job:
         async with self._changed:
             self.events.append(stored)
             self._changed.notify_all()
+        if self.store is not None:
+            await self.store.add_event(self.id, stored)
         return stored
+
+    async def set_status(self, status: str) -> None:
+        self.status = status
+        if status in ("completed", "failed", "cancelled"):
+            self.finished_at = self.finished_at or time.time()
+        if self.store is not None:
+            await self.store.set_status(self.id, status, self.finished_at)
 
     async def follow(self, after: int = -1) -> AsyncIterator[StoredEvent]:
         """Yield every event with an id above `after`, then new ones until `done`."""
         position = after + 1
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: len(self.events) > position or self.finished)
+                # A live job always ends with a `done` event; only a job read back from
+                # the store (no task) can be finished with its log already complete.
+                await self._changed.wait_for(
+                    lambda: len(self.events) > position or (self.finished and self.task is None)
+                )
                 batch = self.events[position:]
             for stored in batch:
                 position += 1
                 yield stored
                 if stored.event == "done":
                     return
-            if not batch and self.finished:
+            if not batch:
                 return
 
     def progress(self) -> ProgressEvent:
@@ -119,9 +141,11 @@ class Job:
 class JobManager:
     """Admits, runs and keeps jobs; one per service."""
 
-    def __init__(self, settings: Settings, backend: TranscriptionBackend) -> None:
+    def __init__(self, settings: Settings, backend: TranscriptionBackend,
+                 store: JobStore | None = None) -> None:
         self.settings = settings
         self.backend = backend
+        self.store = store
         self.jobs: dict[str, Job] = {}
         self._slots = asyncio.Semaphore(settings.max_active_jobs)
         self.active = 0
@@ -147,12 +171,21 @@ class JobManager:
                 headers={"Retry-After": "10"},
             )
 
-    def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
+    async def get(self, job_id: str) -> Job | None:
+        """Return the job with this id, from memory or else from the store."""
+        job = self.jobs.get(job_id)
+        if job is None and self.store is not None:
+            stored = await self.store.load(job_id)
+            if stored is not None:
+                job = restore_job(stored)
+        return job
 
     async def start(self, job: Job) -> Job:
         """Register `job`, emit its `job` event and start running it."""
         self.jobs[job.id] = job
+        if self.store is not None:
+            job.store = self.store
+            await self.store.add_job(job.id, job.filename, job.created)
         await job.append("job", JobEvent(
             job_id=job.id,
             filename=job.filename,
@@ -211,6 +244,37 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def recover(self) -> None:
+        """End the jobs a previous process left unfinished: their uploads are gone."""
+        if self.store is None:
+            return
+        for job_id in await self.store.unfinished():
+            stored = await self.store.load(job_id)
+            if stored is None:
+                continue
+            job = restore_job(stored)
+            job.store = self.store
+            await job.append("error", ErrorEvent(
+                code="server_restarted",
+                message="the server restarted before this job finished; upload the file again",
+            ))
+            await self._finish(job, "failed", 0.0, False, ["the server restarted during the job"])
+            logger.info("Job %s marked failed: the server restarted during it", job_id)
+
+    async def expire(self, now: float | None = None) -> None:
+        """Drop finished jobs from memory after `memory_seconds` and from the store after
+        `retention_seconds`."""
+        now = time.time() if now is None else now
+        for job_id, job in list(self.jobs.items()):
+            if job.finished and job.finished_at is not None:
+                if now - job.finished_at > min(self.settings.memory_seconds,
+                                               self.settings.retention_seconds):
+                    del self.jobs[job_id]
+        if self.store is not None:
+            removed = await self.store.delete_finished_before(now - self.settings.retention_seconds)
+            if removed:
+                logger.info("Deleted %d jobs past the retention period", len(removed))
+
     async def _run(self, job: Job) -> None:
         started = time.monotonic()
         notes: list[str] = []
@@ -218,7 +282,7 @@ class JobManager:
         status = "completed"
         try:
             async with self._slots:
-                job.status = "running"
+                await job.set_status("running")
                 self.active += 1
                 try:
                     truncated = await self._transcribe(job)
@@ -241,7 +305,6 @@ class JobManager:
             notes.append("the file was cut short: the transcript covers the audio that decoded")
         if job.failed:
             notes.append("segments " + ", ".join(map(str, sorted(job.failed))) + " failed")
-        job.finished_at = time.time()
         await self._finish(job, status, time.monotonic() - started, truncated, notes)
 
     async def _finish(self, job: Job, status: str, elapsed: float, truncated: bool,
@@ -249,6 +312,7 @@ class JobManager:
         if status == "completed":
             job.seconds_done = job.duration or job.seconds_done
         job.status = status
+        job.finished_at = job.finished_at or time.time()
         await job.append("done", DoneEvent(
             job_id=job.id,
             status=status,
@@ -260,7 +324,9 @@ class JobManager:
             truncated=truncated,
             notes=notes,
         ))
-        await asyncio.to_thread(shutil.rmtree, job.folder, True)
+        await job.set_status(status)
+        if job.folder is not None:
+            await asyncio.to_thread(shutil.rmtree, job.folder, True)
         logger.info("Job %s %s in %.1f s: %d segments, %d failed", job.id, status, elapsed,
                     len(job.results), len(job.failed))
 
@@ -346,6 +412,50 @@ class JobManager:
                 message=f"segment {index} could not be transcribed: the worker call failed",
                 segment=index,
             ))
+
+
+def restore_job(stored: StoredJob) -> Job:
+    """Rebuild a job, its results and its status from its stored event log."""
+    info = next((event.data for event in stored.events if event.event == "job"), {})
+    stream = AudioStream(
+        index=int(info.get("audio_stream_index", 0)),
+        codec=str(info.get("audio_codec", "unknown")),
+        channels=int(info.get("audio_channels", 0)),
+        sample_rate=0,
+        language=info.get("audio_language"),
+        is_default=True,
+        start_time=0.0,
+    )
+    media = MediaInfo(format_name=str(info.get("format", "unknown")), duration=info.get("duration"),
+                      start_time=0.0, audio_streams=(stream,), has_video=False)
+    job = Job(id=stored.id, filename=stored.filename, folder=None, input_path=None,
+              media=media, stream=stream, options=TranscribeOptions(), created=stored.created,
+              status=stored.status, events=list(stored.events), finished_at=stored.finished)
+    for event in stored.events:
+        if event.event == "segment":
+            result = result_from_event(event.data)
+            job.results[result.index] = result
+        elif event.event == "error" and event.data.get("segment") is not None:
+            job.failed[int(event.data["segment"])] = event.data.get("message", "")
+        elif event.event == "progress":
+            job.segments_total = event.data.get("segments_total")
+            job.seconds_done = float(event.data.get("seconds_done") or 0.0)
+    return job
+
+
+def result_from_event(data: dict) -> SegmentResult:
+    """Rebuild a `SegmentResult` from a `segment` event's data."""
+    cues = tuple(
+        Cue(
+            start=cue["start"], end=cue["end"], text=cue["text"],
+            avg_logprob=cue["avg_logprob"], compression_ratio=cue["compression_ratio"],
+            no_speech_prob=cue["no_speech_prob"],
+            words=tuple(Word(**word) for word in cue.get("words") or ()),
+        )
+        for cue in data.get("cues", ())
+    )
+    return SegmentResult(index=data["index"], start=data["start"], end=data["end"],
+                         text=data["text"], language=data.get("language"), cues=cues)
 
 
 def _with_duration(media: MediaInfo, duration: float) -> MediaInfo:

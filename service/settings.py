@@ -8,6 +8,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
 def _default_workers() -> int:
     # One worker per two cores leaves CTranslate2 two threads each on big machines;
     # on one or two cores every core gets its own single-threaded worker, which
@@ -50,7 +54,12 @@ class Settings:
     max_active_jobs: int = 4
     max_queued_jobs: int = 16
     grace_seconds: float = 30.0
-    keepalive_seconds: float = 15.0
+    # The SQLite job store; ":memory:" keeps jobs only for the life of the process.
+    database: Path = field(default_factory=lambda: _data_home() / "streamscribe" / "jobs.sqlite3")
+    # Finished jobs older than this are deleted from the store.
+    retention_seconds: float = 7 * 24 * 3600.0
+    # Finished jobs stay in memory this long, then are read back from the store on demand.
+    memory_seconds: float = 600.0
     temp_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "streamscribe")
 
     # Test hook: when above 0, the upload's own event stream closes from the server side
@@ -77,6 +86,7 @@ class Settings:
                 raise TypeError(f"unknown setting {name!r}")
             setattr(settings, name, value)
         settings.temp_root = Path(settings.temp_root)
+        settings.database = Path(settings.database)
         return settings
 
 

@@ -58,7 +58,8 @@ def start_server(workdir: Path, **settings: object) -> ServerProcess:
     """Start the service with `STREAMSCRIBE_*` settings and wait until /readyz says ready."""
     port = free_port()
     temp_root = workdir / "temp"
-    env = {**os.environ, "STREAMSCRIBE_TEMP_ROOT": str(temp_root), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "STREAMSCRIBE_TEMP_ROOT": str(temp_root), "PYTHONUNBUFFERED": "1",
+           "STREAMSCRIBE_DATABASE": str(workdir / "jobs.sqlite3")}
     for name, value in settings.items():
         env[f"STREAMSCRIBE_{name.upper()}"] = str(value)
     log_path = workdir / f"server-{port}.log"

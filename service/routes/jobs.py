@@ -22,9 +22,9 @@ router = APIRouter(tags=["jobs"])
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def find_job(request: Request, job_id: Annotated[str, Path(max_length=64)]) -> Job:
+async def find_job(request: Request, job_id: Annotated[str, Path(max_length=64)]) -> Job:
     """Return the job `job_id` names, or raise 404."""
-    job = request.app.state.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    job = await request.app.state.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise ServiceError(f"job {job_id!r} was not found; it may have expired",
                            code="job_not_found", status_code=404)
