@@ -211,11 +211,11 @@ def results_table(results: list[Measurement]) -> str:
         [
             f"{result.duration / 60:.1f}",
             result.method,
-            round(result.total_seconds, 1),
-            None if result.first_segment_seconds is None else round(result.first_segment_seconds, 2),
+            f"{result.total_seconds:.1f}",
+            None if result.first_segment_seconds is None else f"{result.first_segment_seconds:.2f}",
             f"{100 * result.word_error_rate:.1f}",
-            round(megabytes(result.peak_rss_bytes)),
-            round(result.cpu_seconds, 1),
+            f"{megabytes(result.peak_rss_bytes):.0f}",
+            f"{result.cpu_seconds:.1f}",
             result.segments,
             f"{result.load_average:.2f}",
         ]

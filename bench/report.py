@@ -19,7 +19,11 @@ PAGE_TITLE = "# Benchmarks\n"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Format rows as a GitHub-flavoured Markdown table; numbers align right."""
+    """Format rows as a GitHub-flavoured Markdown table; columns of numbers align right.
+
+    Floats are shown with two decimals, so callers pass a formatted string for any
+    other precision.
+    """
     cells = [[_cell(value) for value in row] for row in rows]
     numeric = [
         all(_is_number(row[column]) for row in rows if row[column] not in (None, ""))
@@ -34,7 +38,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(str(value).rstrip("%"))
+    except ValueError:
+        return False
+    return True
 
 
 def _cell(value: object) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.backends import TranscriptionBackend, create_backend
@@ -64,6 +65,13 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
     @app.exception_handler(ServiceError)
     async def service_error_handler(request: Request, error: ServiceError) -> JSONResponse:
         return JSONResponse(error.to_json(), status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        wrapped = ServiceError(str(error.detail), code=code, status_code=error.status_code)
+        return JSONResponse(wrapped.to_json(), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:

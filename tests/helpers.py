@@ -57,6 +57,7 @@ class ServerProcess:
 def start_server(workdir: Path, **settings: object) -> ServerProcess:
     """Start the service with `STREAMSCRIBE_*` settings and wait until /readyz says ready."""
     port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     temp_root = workdir / "temp"
     env = {**os.environ, "STREAMSCRIBE_TEMP_ROOT": str(temp_root), "PYTHONUNBUFFERED": "1",
            "STREAMSCRIBE_DATABASE": str(workdir / "jobs.sqlite3")}
