@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import shutil
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -83,12 +85,35 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
 
     from service.routes import health, jobs, openai_compat, transcriptions
 
+    protected = [Depends(require_api_key)] if settings.api_key else []
     app.include_router(health.router)
-    app.include_router(transcriptions.router)
-    app.include_router(openai_compat.router)
-    app.include_router(jobs.router)
+    app.include_router(transcriptions.router, dependencies=protected)
+    app.include_router(openai_compat.router, dependencies=protected)
+    app.include_router(jobs.router, dependencies=protected)
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            allow_credentials=False,
+        )
     _mount_web(app)
     return app
+
+
+async def require_api_key(request: Request) -> None:
+    """Reject a request whose bearer token is not the configured API key."""
+    expected = request.app.state.settings.api_key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        raise ServiceError(
+            "missing or invalid API key; send the header 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 async def _start_backend(backend: TranscriptionBackend) -> None:

@@ -63,7 +63,7 @@ def _to_mono(block: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(mix, -32768, 32767).astype(np.int16)
 
 
-def build_ffmpeg_args(path: Path, stream_index: int, channels: int) -> list[str]:
+def build_ffmpeg_args(path: Path, stream_index: int, channels: int, ffmpeg_binary: str = FFMPEG) -> list[str]:
     """Return ffmpeg's argument list to write one audio stream as 16 kHz s16le PCM to stdout.
 
     More than two channels are downmixed by ffmpeg to stereo (its surround downmix
@@ -82,7 +82,7 @@ def build_ffmpeg_args(path: Path, stream_index: int, channels: int) -> list[str]
         sn=None,
         dn=None,
     )
-    return [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "warning", *output.get_args()]
+    return [ffmpeg_binary, "-nostdin", "-hide_banner", "-loglevel", "warning", *output.get_args()]
 
 
 class AudioDecoder:
@@ -99,7 +99,9 @@ class AudioDecoder:
         total_timeout: float = 600.0,
         stall_timeout: float = 60.0,
         stderr_path: Path | None = None,
+        ffmpeg_binary: str = FFMPEG,
     ) -> None:
+        self.ffmpeg_binary = ffmpeg_binary
         self.path = path
         self.stream_index = stream_index
         self.channels = min(max(channels, 1), 2)
@@ -193,7 +195,7 @@ class AudioDecoder:
                 process.wait()
 
     def _decode(self, notify) -> None:
-        args = build_ffmpeg_args(self.path, self.stream_index, self.channels)
+        args = build_ffmpeg_args(self.path, self.stream_index, self.channels, self.ffmpeg_binary)
         logger.debug("Running %s", args)
         with open(self.stderr_path, "wb") as stderr:
             self._process = subprocess.Popen(

@@ -134,7 +134,8 @@ async def accept_job(request: Request, *,
         )
         segment_seconds = form_float(upload, "segment_seconds", 5.0, settings.max_segment_seconds)
         track = form_int(upload, "audio_track", 0, 63)
-        media = await probe(upload.path, upload.filename, timeout=settings.probe_timeout_seconds)
+        media = await probe(upload.path, upload.filename, timeout=settings.probe_timeout_seconds,
+                            ffprobe=settings.ffprobe)
         if media.duration is not None and media.duration > settings.max_duration_seconds:
             raise ServiceError(
                 f"{upload.filename!r} lasts {media.duration:.0f} s, over the limit of "

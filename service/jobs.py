@@ -342,6 +342,7 @@ class JobManager:
             total_timeout=settings.decode_timeout_seconds,
             stall_timeout=settings.decode_stall_seconds,
             stderr_path=job.folder / "ffmpeg.log",
+            ffmpeg_binary=settings.ffmpeg,
         )
         timeline_offset = job.media.timeline_offset(job.stream)
         spans: dict[int, float] = {}

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
 FFPROBE = shutil.which("ffprobe") or "ffprobe"
+"""The binaries found on PATH at import; settings can name others."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _explain_probe_failure(stderr: str, filename: str, path: Path) -> MediaError
     )
 
 
-async def probe(path: Path, filename: str, *, timeout: float) -> MediaInfo:
+async def probe(path: Path, filename: str, *, timeout: float, ffprobe: str = FFPROBE) -> MediaInfo:
     """Run ffprobe on `path`, killing it after `timeout` seconds.
 
     Raises `MediaError` for an empty file, a file that is not media, an incomplete MP4
@@ -152,7 +153,7 @@ async def probe(path: Path, filename: str, *, timeout: float) -> MediaInfo:
             status_code=400,
         )
     # An absolute path never starts with "-", so no file name can be read as an option.
-    args = [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json",
+    args = [ffprobe, "-v", "error", "-show_format", "-show_streams", "-of", "json",
             "-probesize", "50M", "-analyzeduration", "20M", str(path.resolve())]
     process = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,10 @@ class Settings:
     max_segment_seconds: float = 45.0
     min_pause_seconds: float = 0.3
 
+    # The ffmpeg and ffprobe programs: a name looked up on PATH, or a path.
+    ffmpeg: str = field(default_factory=lambda: shutil.which("ffmpeg") or "ffmpeg")
+    ffprobe: str = field(default_factory=lambda: shutil.which("ffprobe") or "ffprobe")
+
     # Limits on input.
     max_upload_bytes: int = 2 * 1024**3
     max_duration_seconds: float = 4 * 3600.0
@@ -49,6 +54,12 @@ class Settings:
     decode_timeout_seconds: float = 600.0
     decode_stall_seconds: float = 60.0
     segment_timeout_seconds: float = 600.0
+
+    # Access. With an API key set, every /v1 request must send "Authorization: Bearer KEY".
+    api_key: str = ""
+    # Origins allowed to call the API from a browser on another site, comma-separated;
+    # "*" allows any. Empty: same-origin only.
+    cors_origins: str = ""
 
     # Jobs.
     max_active_jobs: int = 4
