@@ -40,8 +40,8 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
         _remove_stale_job_folders(settings.temp_root)
         manager: JobManager = app.state.jobs
         await manager.recover()
-        # The model loads in the background so /healthz answers at once and /readyz
-        # reports 503 until it is loaded; jobs submitted meanwhile wait for it.
+        # The model loads in the background, so /healthz responds at once and /readyz
+        # returns 503 until the model is loaded. Jobs submitted meanwhile wait for it.
         loading = asyncio.create_task(_start_backend(backend))
         housekeeping = asyncio.create_task(_expire_jobs(manager))
         try:
@@ -135,8 +135,8 @@ async def _expire_jobs(manager: JobManager) -> None:
 
 
 def _remove_stale_job_folders(root: Path) -> None:
-    # Folders left by a previous process that was killed mid-job hold uploads nobody
-    # can resume, so they go at start-up.
+    # Folders left by a process that was killed mid-job contain uploads that no job
+    # can resume, so they are deleted at start-up.
     for folder in root.glob("job-*"):
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -25,7 +25,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 
 
 class StreamscribeError(Exception):
-    """The server rejected a request; `status` and `code` say why."""
+    """A request the server rejected, with its HTTP `status` and error `code`."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")

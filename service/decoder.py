@@ -1,7 +1,7 @@
 """Decode a file's audio with ffmpeg in a worker thread and stream out segments.
 
 ffmpeg (driven through ffmpeg-python, an argument list, no shell) writes 16 kHz PCM
-to a pipe; a thread reads it block by block, scores each block with faster-whisper's
+to a pipe. A thread reads it block by block, scores each block with faster-whisper's
 Silero VAD, feeds `PauseSplitter`, and hands finished pieces to the event loop
 through a bounded queue. The bound keeps memory flat in the file's length: when the
 workers fall behind, the thread stops reading and ffmpeg blocks on the full pipe.
@@ -39,7 +39,7 @@ CANCELLATION_RATIO = 0.25
 
 @dataclass(frozen=True)
 class DecodeSummary:
-    """Sent once after the last piece: how much audio ffmpeg produced and what it said."""
+    """The end of a decode, sent after the last piece: the sample count and ffmpeg's warnings."""
 
     samples: int
     warnings: str
@@ -49,8 +49,8 @@ class DecodeSummary:
 def _to_mono(block: np.ndarray, channels: int) -> np.ndarray:
     """Mix interleaved int16 audio to mono without letting opposite-phase channels cancel.
 
-    A plain average of a stereo pair recorded with one channel inverted is silence;
-    when the mix is far quieter than the louder channel, that channel is used alone.
+    A plain average of a stereo pair recorded with one channel inverted is silence.
+    So when the mix is far quieter than the louder channel, that channel is used alone.
     """
     if channels == 1:
         return block
@@ -66,9 +66,8 @@ def _to_mono(block: np.ndarray, channels: int) -> np.ndarray:
 def build_ffmpeg_args(path: Path, stream_index: int, channels: int, ffmpeg_binary: str = FFMPEG) -> list[str]:
     """Return ffmpeg's argument list to write one audio stream as 16 kHz s16le PCM to stdout.
 
-    More than two channels are downmixed by ffmpeg to stereo (its surround downmix
-    keeps the centre channel, where speech usually is); the last step to mono happens
-    in `_to_mono`.
+    ffmpeg downmixes more than two channels to stereo, and its surround downmix keeps
+    the centre channel, where speech usually is. The last step to mono is `_to_mono`.
     """
     stream = ffmpeg.input(str(path.resolve()))
     output = stream.output(

@@ -75,7 +75,7 @@ def check_model(manager: JobManager, upload: Upload) -> None:
     """Accept the configured model's name, OpenAI's "whisper-1" or none; reject others.
 
     One model is loaded per service, so a request for another one is rejected rather
-    than silently answered by a different model.
+    than silently served by a different model.
     """
     requested = (upload.value("model") or "").strip()
     accepted = {"", "whisper-1", "default", manager.settings.model}
@@ -90,7 +90,7 @@ def check_model(manager: JobManager, upload: Upload) -> None:
 
 
 def wants_words(upload: Upload) -> bool:
-    """True when the form asks for word times, natively or in OpenAI's list field."""
+    """Return True when the form requests word times, natively or in OpenAI's list field."""
     granularities = [
         value.strip().lower()
         for name in ("timestamp_granularities[]", "timestamp_granularities")

@@ -110,8 +110,8 @@ class Job:
         position = after + 1
         while True:
             async with self._changed:
-                # A live job always ends with a `done` event; only a job read back from
-                # the store (no task) can be finished with its log already complete.
+                # A live job always ends with a `done` event. Only a job read back from
+                # the store (it has no task) can be finished with no event still to come.
                 await self._changed.wait_for(
                     lambda: len(self.events) > position or (self.finished and self.task is None)
                 )

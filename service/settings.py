@@ -14,9 +14,8 @@ def _data_home() -> Path:
 
 
 def _default_workers() -> int:
-    # One worker per two cores leaves CTranslate2 two threads each on big machines;
-    # on one or two cores every core gets its own single-threaded worker, which
-    # measured faster than one worker with two threads.
+    # On one or two cores, each core gets its own single-threaded worker. On bigger
+    # machines, one worker per two cores leaves CTranslate2 two threads per worker.
     cores = os.cpu_count() or 1
     return max(1, cores if cores <= 2 else cores // 2)
 
@@ -53,7 +52,6 @@ class Settings:
     probe_timeout_seconds: float = 20.0
     decode_timeout_seconds: float = 600.0
     decode_stall_seconds: float = 60.0
-    segment_timeout_seconds: float = 600.0
 
     # Access. With an API key set, every /v1 request must send "Authorization: Bearer KEY".
     api_key: str = ""

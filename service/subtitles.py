@@ -7,10 +7,6 @@ from collections.abc import Iterable, Sequence
 
 from gpu_workers.segments import Cue, SegmentResult
 
-MAX_CUE_CHARS = 84
-"""Longer Whisper segments are split into cues of at most about two subtitle lines."""
-
-
 def ordered_cues(results: Iterable[SegmentResult]) -> list[Cue]:
     """Return every cue of every segment in timeline order, with no overlaps."""
     cues = sorted((cue for result in results for cue in result.cues), key=lambda cue: cue.start)

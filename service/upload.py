@@ -1,7 +1,7 @@
 """Receive a multipart upload straight into a job's folder, in chunks.
 
 Starlette's `request.form()` spools files to the system temporary folder and only
-checks sizes after the fact; this parser streams the body through python-multipart,
+checks sizes after the fact. This parser streams the body through python-multipart,
 writes the `file` part into the job's own folder as it arrives, and raises 413 as
 soon as the size limit is passed, so memory stays flat whatever the upload's size.
 """

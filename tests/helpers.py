@@ -55,7 +55,7 @@ class ServerProcess:
 
 
 def start_server(workdir: Path, **settings: object) -> ServerProcess:
-    """Start the service with `STREAMSCRIBE_*` settings and wait until /readyz says ready."""
+    """Start the service with `STREAMSCRIBE_*` settings and wait until /readyz returns 200."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     temp_root = workdir / "temp"

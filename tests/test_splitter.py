@@ -14,7 +14,7 @@ WINDOWS_PER_SECOND = SAMPLE_RATE / WINDOW
 def _pattern(spans: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
     """Build audio and VAD probabilities from ("speech" | "pause", seconds) spans.
 
-    Each sample holds its own index modulo 30000, so a test can check that a piece
+    Each sample contains its own index modulo 30000, so a test can check that a piece
     contains exactly the samples of its span.
     """
     probs = []
@@ -133,7 +133,7 @@ def test_blip_of_noise_is_not_sent():
     assert not any(piece.has_speech for piece in pieces)
 
 
-def test_long_gap_between_speech_produces_no_text_piece_inside_gap():
+def test_no_piece_inside_long_gap():
     spans = [("speech", 10), ("pause", 120), ("speech", 10)]
     audio, probs = _pattern(spans)
     pieces = [piece for piece in _split(audio, probs, CONFIG) if piece.has_speech]

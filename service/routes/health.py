@@ -10,7 +10,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 async def healthz(request: Request) -> dict[str, object]:
-    """Report that the process is up; answers even while jobs run."""
+    """Report that the process is up, with job counts; it responds while jobs run."""
     jobs = request.app.state.jobs
     return {"status": "ok", "jobs_active": jobs.active, "jobs_unfinished": jobs.unfinished}
 

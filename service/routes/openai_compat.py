@@ -1,7 +1,7 @@
 """`POST /v1/audio/transcriptions` in the shape of OpenAI's transcription API.
 
 The official `openai` SDK works against it unchanged. Without `stream`, the request
-waits for the whole job and answers in `response_format`; with `stream=true` it sends
+waits for the whole job and returns it in `response_format`; with `stream=true` it sends
 `transcript.text.delta` events in timeline order (a segment that finishes early waits
 for the ones before it) and one `transcript.text.done` whose text equals the
 non-streamed answer. A failure after the stream has started is sent as a JSON object
