@@ -201,6 +201,10 @@ class JobManager:
             model=model_label(self.settings.model),
         ))
         job.task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        # The grace period runs until the first reader attaches, so a client that
+        # hangs up between the upload and the first event does not leave the job
+        # running for nobody.
+        self._start_grace(job)
         logger.info("Job %s started: %r, %.1f s of audio", job.id, job.filename, job.duration or -1)
         return job
 
@@ -222,6 +226,9 @@ class JobManager:
         job.listeners -= 1
         if job.listeners > 0 or job.finished:
             return
+        self._start_grace(job)
+
+    def _start_grace(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
         job._grace_timer = loop.call_later(self.settings.grace_seconds, self._abandon, job)
 

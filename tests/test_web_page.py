@@ -26,8 +26,8 @@ pytestmark = [
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-# Playwright's own browser download is not used; these flags keep Debian's Chromium
-# from reaching the network or needing a GPU or a sandbox.
+# Debian's Chromium replaces Playwright's own browser build. These flags keep it from
+# reaching the network or needing a GPU or a sandbox.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -42,10 +42,11 @@ RESULTS = ROOT / "test-results"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 
-# The demo transcribes in about 4 s on 2 cores; the limit leaves room for a slow runner.
+# The demo transcribes in about 4 s on 2 cores, so the limit leaves room for a slow runner.
 JOB_TIMEOUT_MS = 60_000
 BREAK_STREAM_AFTER = 3
 UPLOAD_LIMIT_BYTES = 2_000_000
+API_KEY = "page-test-key"
 SEEK_TOLERANCE_SECONDS = 0.3
 
 RECORDER = """
@@ -87,6 +88,18 @@ def breaking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         tmp_path_factory.mktemp("breaking-server"),
         test_break_stream_after=BREAK_STREAM_AFTER,
         max_upload_bytes=UPLOAD_LIMIT_BYTES,
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server that requires an API key and also ends each upload's stream early."""
+    process = start_server(
+        tmp_path_factory.mktemp("keyed-server"),
+        api_key=API_KEY,
+        test_break_stream_after=BREAK_STREAM_AFTER,
     )
     yield process
     process.stop()
@@ -193,7 +206,8 @@ def test_demo_lines_stream_before_done(server, open_page):
         const track = document.querySelector("#video").textTracks[0];
         return { mode: track.mode, cues: track.cues.length };
     }""")
-    assert captions == {"mode": "showing", "cues": len(texts)}
+    assert captions["mode"] == "showing"
+    assert captions["cues"] == len(texts)
 
     with page.expect_download() as download_info:
         page.get_by_role("link", name="SRT").click()
@@ -288,8 +302,8 @@ def test_dropped_stream_resumes_once(breaking_server, open_page):
     resume_headers: list[str | None] = []
 
     def replay_from_start(route):
-        # The page must send the id of the last event it processed; the request then
-        # goes out asking for events it already has, so duplicates reach the page.
+        # The page must send the id of the last event it processed. The request then
+        # goes out asking for events that the page already has, so duplicates reach it.
         headers = dict(route.request.headers)
         resume_headers.append(headers.get("last-event-id"))
         headers["last-event-id"] = "0"
@@ -310,7 +324,8 @@ def test_dropped_stream_resumes_once(breaking_server, open_page):
     assert done["event"] == "done"
 
     segment_indexes = [event["data"]["index"] for event in record["events"] if event["event"] == "segment"]
-    assert len(segment_indexes) == len(set(segment_indexes)) == done["data"]["segments"]
+    assert len(segment_indexes) == len(set(segment_indexes))
+    assert len(segment_indexes) == done["data"]["segments"]
 
     job_id = record["events"][0]["data"]["job_id"]
     final = httpx.get(f"{breaking_server.url}/v1/jobs/{job_id}/transcript.json", timeout=30).json()
@@ -334,3 +349,29 @@ def test_cancel_stops_job(server, open_page):
     assert status["status"] == "cancelled"
     assert page.is_hidden("#cancel-button")
     assert page.is_visible("#another-file")
+
+
+def test_api_key_prompt_then_upload(keyed_server, open_page):
+    page = open_page(keyed_server)
+    page.set_input_files("#file-input", str(DEMO_VIDEO))
+    assert wait_for_phase(page, "rejected", "completed", "failed") == "rejected"
+    assert page.inner_text("#intake-error-title") == "This server needs an API key"
+    assert page.is_visible("#api-key-input")
+
+    page.fill("#api-key-input", API_KEY)
+    page.get_by_role("button", name="Try the same file again").click()
+    assert wait_for_phase(page, "completed", "failed", "cancelled") == "completed"
+
+    # The stream breaks after a few events, so the resume request carried the key too.
+    record = page.evaluate("pageRecord")
+    assert "reconnecting" in record["phases"]
+    done = record["events"][-1]
+    assert done["event"] == "done"
+    assert len(line_texts(page)) > 0
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="SRT").click()
+    download = download_info.value
+    assert download.suggested_filename == "demo.srt"
+    srt_cues = parse_srt(Path(download.path()).read_text("utf-8"))
+    assert words(" ".join(text for _, _, text in srt_cues)) == words(" ".join(line_texts(page)))

@@ -14,12 +14,13 @@ const RESUME_MAX_ATTEMPTS = 8;
 // Autoscroll of the transcript stays off this long after the reader scrolls it.
 const MANUAL_SCROLL_PAUSE_MS = 4000;
 const ANNOUNCER_MAX_ITEMS = 5;
+const API_KEY_STORAGE = "streamscribe.apiKey";
 const COPY_CONFIRMATION_MS = 2000;
 
 const ACTIVE_PHASES = new Set(["uploading", "checking", "transcribing", "reconnecting", "disconnected", "cancelling"]);
 
-// Headings for the error codes the service returns before a stream starts; the
-// server's own message, which names the file and the fix, is shown under them.
+// Headings for the error codes that the service returns before a stream starts. The
+// server's own message, which names the file and the fix, goes under the heading.
 const REJECTION_TITLES = {
   no_audio_stream: "This file has no sound to transcribe",
   not_media: "This is not a video or audio file",
@@ -30,6 +31,7 @@ const REJECTION_TITLES = {
   probe_timeout: "This file could not be read",
   invalid_audio_track: "That audio track does not exist",
   invalid_field: "An option is not valid",
+  invalid_api_key: "This server needs an API key",
   server_busy: "The server is busy",
   insufficient_storage: "The server is out of space",
 };
@@ -44,7 +46,9 @@ const ui = {
   intakeError: byId("intake-error"),
   intakeErrorTitle: byId("intake-error-title"),
   intakeErrorDetail: byId("intake-error-detail"),
+  options: byId("options"),
   languageInput: byId("language-input"),
+  apiKeyInput: byId("api-key-input"),
   trackInput: byId("track-input"),
   fileName: byId("file-name"),
   fileMeta: byId("file-meta"),
@@ -84,6 +88,12 @@ function byId(id) {
 function apiUrl(path) {
   // Relative to the page, so the service also works behind a proxy under a path prefix.
   return new URL(path, document.baseURI).href;
+}
+
+/** Return the Authorization header for the API key entered under Options, if any. */
+function authHeaders() {
+  const key = ui.apiKeyInput.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
 // ---------------------------------------------------------------------------
@@ -408,6 +418,7 @@ function upload(run) {
 
   xhr.open("POST", apiUrl("v1/transcriptions"));
   xhr.setRequestHeader("Accept", "text/event-stream");
+  for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
   run.transport = { abort: () => xhr.abort() };
   setPhase(run, "uploading", `Uploading ${run.file.name}…`);
   showUploadProgress(run, 0, run.file.size);
@@ -437,7 +448,13 @@ function rejectUpload(run, xhr) {
       detail = `The server answered HTTP ${xhr.status} ${xhr.statusText}`.trim() + ". Try again later.";
     }
   }
-  const canRetry = xhr.status === 503 || xhr.status >= 500;
+  const canRetry = xhr.status === 401 || xhr.status >= 500;
+  if (code === "invalid_api_key") {
+    detail = ui.apiKeyInput.value.trim()
+      ? "The server rejected the API key entered under Options. Check it and try again."
+      : "Enter the server's API key under Options, then try again.";
+    ui.options.open = true;
+  }
   if (code === "server_busy") {
     const wait = xhr.getResponseHeader("Retry-After");
     if (wait && /^\d+$/.test(wait)) detail += ` The server suggests waiting ${formatSeconds(Number(wait))}.`;
@@ -453,7 +470,7 @@ function parseErrorBody(text) {
       return { code: error.code || null, message: sentence(error.message) };
     }
   } catch (parseError) {
-    // Not JSON: a proxy's HTML page or an empty body; the caller writes its own message.
+    // The body is not JSON (a proxy's HTML page or nothing), so the caller writes the message.
   }
   return { code: null, message: "" };
 }
@@ -518,7 +535,7 @@ async function resume(run) {
 
   const controller = new AbortController();
   run.transport = { abort: () => controller.abort() };
-  const headers = { Accept: "text/event-stream" };
+  const headers = { Accept: "text/event-stream", ...authHeaders() };
   if (run.lastEventId >= 0) headers["Last-Event-ID"] = String(run.lastEventId);
 
   let response;
@@ -574,11 +591,11 @@ function handleEvent(run, event, parser) {
   if (run !== current) return;
   if (parser.retry !== null) run.retryMs = parser.retry;
 
-  // Every event the service sends has a numeric id that counts up from 0; an id at
-  // or below the last one processed is a replay and is skipped.
+  // Every event the service sends has a numeric id that counts up from 0, so an id at
+  // or below the last one processed belongs to a replay and is skipped.
   const id = event.id === null ? NaN : Number(event.id);
   if (Number.isInteger(id)) {
-    // mutated
+    if (id <= run.lastEventId) return;
     run.lastEventId = id;
   }
 
@@ -640,7 +657,7 @@ function onJob(run, job) {
 }
 
 function onSegment(run, segment) {
-  // mutated2
+  if (run.segments.has(segment.index)) return;
   run.segments.set(segment.index, segment);
 
   let cues = Array.isArray(segment.cues) ? segment.cues : [];
@@ -810,7 +827,7 @@ function seekToLine(run, element) {
   run.video.currentTime = Number(element.dataset.start);
   updateActiveLine(run);
   run.video.play().catch(() => {
-    // Playback may be blocked or the format unsupported; the seek still happened.
+    // Playback may be blocked or the format unsupported, but the seek still happened.
   });
 }
 
@@ -845,7 +862,10 @@ async function cancelRun(run) {
 
   setPhase(run, "cancelling", "Cancelling…");
   try {
-    const response = await fetch(apiUrl(`v1/jobs/${encodeURIComponent(run.id)}/cancel`), { method: "POST" });
+    const response = await fetch(apiUrl(`v1/jobs/${encodeURIComponent(run.id)}/cancel`), {
+      method: "POST",
+      headers: authHeaders(),
+    });
     if (!response.ok) {
       const { message } = parseErrorBody(await response.text());
       addNotice(message || `The server answered HTTP ${response.status} to the cancel request.`);
@@ -902,6 +922,29 @@ function copyWithSelection(text) {
   return copied;
 }
 
+/**
+ * Download a transcript with fetch() when an API key is set, because a plain link
+ * cannot send the Authorization header.
+ */
+async function downloadWithKey(link) {
+  const response = await fetch(link.href, { headers: authHeaders(), cache: "no-store" });
+  if (!response.ok) {
+    const { message } = parseErrorBody(await response.text());
+    addNotice(message || `The download failed with HTTP ${response.status}.`);
+    return;
+  }
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const name = /filename="([^"]+)"/.exec(disposition)?.[1] || `transcript.${link.dataset.format}`;
+  const url = URL.createObjectURL(await response.blob());
+  const anchor = document.createElement("a");
+  anchor.href = url;
+  anchor.download = name;
+  document.body.append(anchor);
+  anchor.click();
+  anchor.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 0);
+}
+
 function acceptFile(file) {
   if (!file) return;
   if (isActive(current)) {
@@ -934,6 +977,18 @@ ui.resumeButton.addEventListener("click", () => {
   resume(current);
 });
 ui.copyButton.addEventListener("click", () => copyTranscript(current));
+ui.downloads.addEventListener("click", (event) => {
+  const link = event.target.closest("a[data-format]");
+  if (!link || !ui.apiKeyInput.value.trim()) return;
+  event.preventDefault();
+  downloadWithKey(link).catch((error) => addNotice(`The download failed: ${error.message}.`));
+});
+
+// The key lives in sessionStorage, so it lasts as long as the tab and no longer.
+ui.apiKeyInput.value = sessionStorage.getItem(API_KEY_STORAGE) || "";
+ui.apiKeyInput.addEventListener("change", () => {
+  sessionStorage.setItem(API_KEY_STORAGE, ui.apiKeyInput.value.trim());
+});
 
 ui.transcript.addEventListener("click", (event) => {
   const line = event.target.closest(".line");
