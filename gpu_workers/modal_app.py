@@ -44,20 +44,21 @@ def _env_int(name: str, default: int) -> int:
 
 APP_NAME = os.environ.get("STREAMSCRIBE_MODAL_APP_NAME", "streamscribe")
 
-# large-v3-turbo and not the bundled tiny.en: a GPU is paid for by the second, and
-# tiny.en would leave it idle while making far more word errors; it is also
-# English-only. Turbo keeps large-v3's 32-layer encoder with a 4-layer decoder, so it
-# decodes several times faster than large-v3 at close to its accuracy, in 99
-# languages. Set "bundled" to serve the offline tiny.en (the tests do).
+# large-v3-turbo, not the bundled tiny.en: a GPU is paid for by the second, and tiny.en
+# would leave it idle while making far more word errors, in English only. Turbo keeps
+# large-v3's 32-layer encoder with a 4-layer decoder. So it decodes several times
+# faster than large-v3, at close to its accuracy, in 99 languages. Set "bundled" to
+# serve the offline tiny.en (the tests do).
 MODEL = os.environ.get("STREAMSCRIBE_MODAL_MODEL", "large-v3-turbo")
 
-# TODO: pin this to a commit hash of the model's Hugging Face repository
-# (mobiuslabsgmbh/faster-whisper-large-v3-turbo for "large-v3-turbo"); the hash could
-# not be looked up where this file was written.
+# TODO: pin this to a commit hash of the model's Hugging Face repository, which is
+# mobiuslabsgmbh/faster-whisper-large-v3-turbo for "large-v3-turbo". Until then, a new
+# upload there changes what new containers load.
 MODEL_REVISION = os.environ.get("STREAMSCRIBE_MODAL_MODEL_REVISION", "main")
 
-# An L4 has 24 GB, enough for large-v3-turbo in float16 (about 1.6 GB of weights) once
-# per concurrent input, and is among Modal's cheapest GPUs.
+# An L4 has 24 GB, far more than large-v3-turbo takes in float16 (about 1.6 GB of
+# weights, which CTranslate2's workers on one GPU share), and is among Modal's
+# cheapest GPUs.
 GPU_TYPE = os.environ.get("STREAMSCRIBE_MODAL_GPU", "L4")
 
 MAX_CONTAINERS = _env_int("STREAMSCRIBE_MODAL_MAX_CONTAINERS", 10)
@@ -74,17 +75,21 @@ SEGMENT_TIMEOUT = 300
 # The first container downloads about 1.6 GB of weights into the Volume.
 STARTUP_TIMEOUT = 900
 
-# Retries cover failures outside the worker's own error handling (a container that
-# died, a call that timed out); a failed decode comes back as a result with `error`.
+# Retries cover failures outside the worker's own error handling, such as a container
+# that died or a call that timed out. A failed decode comes back as a result with
+# `error` and is not retried.
 RETRIES = modal.Retries(max_retries=2, initial_delay=1.0, backoff_coefficient=2.0)
 
-# The web function holds each upload's Server-Sent Event stream open for as long as
-# the job runs; the limit bounds one request.
+# The web function keeps each upload's Server-Sent Event stream open for as long as
+# the job runs, so this limit bounds one job's request.
 WEB_TIMEOUT = 3600
 WEB_CONCURRENT_REQUESTS = 32
 
 # Service settings forwarded from the deploying shell to the web function, when set.
+# The web function's URL is public, so set STREAMSCRIBE_API_KEY when deploying.
 FORWARDED_SERVICE_SETTINGS = (
+    "STREAMSCRIBE_API_KEY",
+    "STREAMSCRIBE_CORS_ORIGINS",
     "STREAMSCRIBE_MAX_ACTIVE_JOBS",
     "STREAMSCRIBE_MAX_QUEUED_JOBS",
     "STREAMSCRIBE_MAX_UPLOAD_BYTES",
@@ -99,13 +104,18 @@ app = modal.App(APP_NAME)
 
 # ## The images
 #
-# Both images start from the same layers: Debian with Python 3.11 (the version the
-# project is tested with), ffmpeg from apt for the web side's decoding and splitting,
-# and the project's Python dependencies at the versions its tests pass with.
-# ctranslate2 and huggingface_hub are pinned too, because the CUDA choice below and the
-# weight download depend on their versions.
+# Both images start from the same layers: Python 3.11 on Debian 12, ffmpeg from apt
+# for the web side's decoding and splitting, and the project's Python dependencies at
+# the versions its tests pass with. ctranslate2 and huggingface_hub are pinned too,
+# because the CUDA choice below and the weight download depend on their versions.
+#
+# The base is a pinned registry tag rather than `Image.debian_slim`, whose Debian
+# release follows the workspace's image builder version (bookworm up to 2025.06,
+# trixie from 2026.10, in modal 1.6.4), and with it the ffmpeg version. Debian 12
+# ships ffmpeg 5.1, the version the service's tests run with.
 
 PYTHON_VERSION = "3.11"
+BASE_IMAGE = f"python:{PYTHON_VERSION}.12-slim-bookworm"
 APT_PACKAGES = ("ffmpeg",)
 PYTHON_PACKAGES = (
     "faster-whisper==1.2.1",
@@ -124,15 +134,15 @@ PYTHON_PACKAGES = (
 )
 
 base_image = (
-    modal.Image.debian_slim(python_version=PYTHON_VERSION)
+    modal.Image.from_registry(BASE_IMAGE)
     .apt_install(*APT_PACKAGES)
     .pip_install(*PYTHON_PACKAGES)
 )
 
 # The GPU image adds cuBLAS for CUDA 12 as NVIDIA's pip wheel, and nothing else.
-# ctranslate2 4.8.5's Linux wheel links the CUDA runtime statically and loads only
-# libcublas.so.12 and the driver's libcuda.so.1 at run time; its library names no
-# cuDNN and carries PTX for CUDA 12.8 (checked in the wheel's shared library). So
+# ctranslate2 4.8.5's Linux wheel links the CUDA runtime statically. At run time it
+# loads only libcublas.so.12 and the driver's libcuda.so.1: its shared library names no
+# cuDNN, and its PTX targets CUDA 12.8 (checked in the wheel's library file). So
 # torch (gigabytes, with its own CUDA pins) and a CUDA base image (the whole toolkit)
 # would only add size to every cold start. The wheel's folder goes into the loader's
 # cache rather than LD_LIBRARY_PATH, so the driver paths Modal sets up stay untouched.
@@ -176,16 +186,26 @@ model_volume = modal.Volume.from_name("streamscribe-models", create_if_missing=T
 #
 # One container loads the model once, in `@modal.enter`, and then transcribes one
 # segment per `transcribe` call with `SegmentTranscriber`, the same code the local
-# backend runs. The class takes `INPUTS_PER_CONTAINER` calls at once: Modal runs a
+# backend runs. The class takes `INPUTS_PER_CONTAINER` calls at once. Modal runs a
 # synchronous method's concurrent inputs in threads, and CTranslate2 runs
-# `num_workers` calls in parallel on the GPU, so one segment's beam search does not
-# leave the GPU waiting.
+# `num_workers` calls in parallel, each on its own CUDA stream. So the GPU can work on
+# other segments while one segment's beam search is short of work. CTranslate2's
+# documentation warns that this does not raise throughput on every GPU and workload.
+# NOTE: the value 4 is not measured on an L4.
 #
-# `@modal.batched` is not used. It would hand the method a list of segments, which
-# `SegmentTranscriber` (one audio per faster-whisper call) cannot take without a second
-# code path, and it holds the first segment back up to its `wait_ms` to fill a batch,
-# which delays the first transcript a user sees. Concurrent inputs keep the GPU busy
-# without either cost.
+# `@modal.batched` is not used, for two reasons. It would hand the method a list of
+# segments, which `SegmentTranscriber` (one audio per faster-whisper call) cannot take
+# without a second code path. And it keeps the first segment waiting up to its
+# `wait_ms` to fill a batch, which delays the first transcript a user receives.
+# Concurrent inputs keep the GPU busy without either cost.
+
+
+def _configure_container_logging() -> None:
+    # Inside a container the logs go to Modal's log view. A `.local()` run keeps the
+    # caller's logging setup.
+    if not modal.is_local():
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _model_name() -> str:
@@ -206,8 +226,8 @@ def _fetch_weights(name: str) -> str:
     logging.getLogger(__name__).info("Downloading Whisper model %s (revision %s) into the "
                                      "Volume", name, MODEL_REVISION)
     folder = download_model(name, cache_dir=MODEL_CACHE_DIR, revision=MODEL_REVISION)
-    # NOTE: two containers starting at once may both download; the later commit wins
-    # and both hold complete copies.
+    # NOTE: two containers starting at once may both download. The later commit wins,
+    # and both have complete copies.
     if not modal.is_local():
         model_volume.commit()
     return folder
@@ -217,7 +237,11 @@ def _fetch_weights(name: str) -> str:
     image=gpu_image,
     gpu=GPU_TYPE,
     volumes={MODEL_CACHE_DIR: model_volume},
-    env={"STREAMSCRIBE_MODAL_MODEL": MODEL, "STREAMSCRIBE_MODAL_MODEL_REVISION": MODEL_REVISION},
+    env={
+        "STREAMSCRIBE_MODAL_MODEL": MODEL,
+        "STREAMSCRIBE_MODAL_MODEL_REVISION": MODEL_REVISION,
+        "STREAMSCRIBE_MODAL_INPUTS_PER_CONTAINER": str(INPUTS_PER_CONTAINER),
+    },
     max_containers=MAX_CONTAINERS,
     scaledown_window=SCALEDOWN_WINDOW,
     timeout=SEGMENT_TIMEOUT,
@@ -230,8 +254,7 @@ class WhisperWorker:
     def load_model(self) -> None:
         from gpu_workers.transcriber import ModelConfig, SegmentTranscriber, resolve_model
 
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _configure_container_logging()
         name = _model_name()
         model = resolve_model(name)
         if not os.path.isdir(model):
@@ -252,14 +275,19 @@ class WhisperWorker:
 # `order_outputs=False` so each transcript streams back as soon as its container is
 # done.
 #
-# NOTE: jobs live in the web container's memory, so the function runs in one
-# container (`max_containers=1`); resuming an event stream or downloading a transcript
-# from a second container would not find the job. Serving from several containers
-# needs a job store in a `modal.Dict` or a Volume.
+# NOTE: jobs live in the web container, in memory and in a SQLite file on its own
+# disk, so the function runs in one container (`max_containers=1`): a second container
+# would not find a job to resume or download. The file goes with the container when it
+# scales down, so finished transcripts last until then. Several containers, or jobs
+# that outlast one, need a job store in a `modal.Dict` or a Volume.
 
 
 def _web_env() -> dict[str, str]:
-    env = {"STREAMSCRIBE_MODEL": MODEL}
+    env = {
+        "STREAMSCRIBE_MODEL": MODEL,
+        "STREAMSCRIBE_MODAL_MAX_CONTAINERS": str(MAX_CONTAINERS),
+        "STREAMSCRIBE_MODAL_INPUTS_PER_CONTAINER": str(INPUTS_PER_CONTAINER),
+    }
     for name in FORWARDED_SERVICE_SETTINGS:
         if name in os.environ:
             env[name] = os.environ[name]
@@ -279,10 +307,12 @@ def _web_env() -> dict[str, str]:
 @modal.asgi_app()
 def web():
     from service.app import create_app
-    from service.backends.modal import ModalBackend
+    from service.backends.modal import DEFAULT_IN_FLIGHT, ModalBackend
     from service.settings import Settings
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_container_logging()
     settings = Settings.from_env(backend="modal")
-    return create_app(settings, backend=ModalBackend(WhisperWorker().transcribe))
+    # One job may keep every GPU input slot of the deployment busy.
+    in_flight = max(DEFAULT_IN_FLIGHT, MAX_CONTAINERS * INPUTS_PER_CONTAINER)
+    backend = ModalBackend(WhisperWorker().transcribe, in_flight=in_flight)
+    return create_app(settings, backend=backend)

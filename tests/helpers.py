@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,12 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_MEDIA = ROOT / "sample_media"
@@ -144,3 +147,38 @@ def wrap_in_mp4(audio: Path, output: Path) -> Path:
 
 def files_under(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+
+
+IN_PROCESS_START_SECONDS = 60
+
+
+@contextlib.contextmanager
+def running_service(settings, backend=None) -> Iterator[tuple[str, object]]:
+    """Serve `create_app(settings, backend)` with uvicorn in this process on a free loopback port.
+
+    Tests use it to put a counting or failing backend behind the real HTTP service.
+    """
+    from service.app import create_app
+
+    app = create_app(settings, backend=backend)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + IN_PROCESS_START_SECONDS
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the service on {url} did not become ready")
+            time.sleep(0.1)
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)

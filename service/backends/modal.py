@@ -25,8 +25,8 @@ DEFAULT_IN_FLIGHT = 64
 
 Above the default deployment's 40 concurrent calls (10 containers, 4 inputs each),
 so one job can keep every container busy. A 45 s segment is 1.4 MB of PCM, and
-Modal's client keeps each input until its output arrives (to retry it), so this
-also bounds the web container's memory per job to about 90 MB.
+modal 1.6.4's map client keeps each input until its output arrives (to retry it), so
+this also bounds the memory a job's inputs take to about 90 MB.
 """
 
 
@@ -79,8 +79,8 @@ class ModalBackend:
     Modal reads the input iterator as fast as it can, so the backend holds back the
     next segment while `in_flight` are sent and unanswered. A call that raises (a
     container crash, a timeout, retries used up) comes back from Modal as a bare
-    exception that does not say which input it belongs to; the backend turns it into
-    a failed `SegmentResult` as soon as the segment can be known (see `map`).
+    exception that does not name its input. The backend turns it into a failed
+    `SegmentResult` as soon as the failed segment is certain (see `_Failures`).
     """
 
     name = "modal"
@@ -100,6 +100,10 @@ class ModalBackend:
         self._lookup = lookup
         self.in_flight = in_flight
         self._closed = False
+        self._start_error: Exception | None = None
+        self._started = asyncio.Event()
+        if method is not None:
+            self._started.set()
 
     @classmethod
     def from_settings(cls, settings) -> ModalBackend:
@@ -117,9 +121,16 @@ class ModalBackend:
         return self._method is not None and not self._closed
 
     async def start(self) -> None:
-        if self._method is None:
-            assert self._lookup is not None
+        if self._method is not None:
+            return
+        assert self._lookup is not None
+        try:
             self._method = await self._lookup()
+        except Exception as error:
+            self._start_error = error
+            raise
+        finally:
+            self._started.set()
 
     async def close(self) -> None:
         # Jobs still mapping stop feeding new segments; the job runner closes their
@@ -140,17 +151,20 @@ class ModalBackend:
         """Send each segment to Modal as it arrives; yield results as they finish.
 
         Every segment sent gets exactly one item back: its `SegmentResult`, or a failed
-        one built from an exception. Modal yields one output per input, so once the
-        unmatched exceptions are as many as the segments still unanswered, all of those
-        segments failed and each gets its failure at once. Until then the failure waits.
-
+        one built from an exception as soon as `_Failures` can tell whose it is.
         Closing the iterator early stops feeding and closes Modal's map. Calls already
         running in a container finish there, and their results are dropped.
         """
+        # A job that arrives while `start` is still looking up the class waits for it,
+        # as jobs wait for the local backend's model.
+        await self._started.wait()
+        if self._start_error is not None:
+            error = self._start_error
+            raise RuntimeError(f"the Modal backend failed to start: {error}") from error
         method = self.method
         credits = asyncio.Semaphore(self.in_flight)
         unanswered: dict[int, SegmentInput] = {}
-        exceptions: list[BaseException] = []
+        failures = _Failures()
         feed = self._feed(segments, credits, unanswered)
         outputs = method.map.aio(feed, order_outputs=False, return_exceptions=True)
         try:
@@ -160,25 +174,23 @@ class ModalBackend:
                     if unanswered.pop(output.index, None) is None:
                         logger.warning("Modal returned a result for segment %d, which is not "
                                        "waiting for one; dropping it", output.index)
-                    else:
-                        yield output
+                        continue
+                    failures.answered(output.index)
+                    yield output
                 else:
                     if not isinstance(output, BaseException):
                         output = TypeError(f"the worker returned {type(output).__name__}, "
                                            "not a SegmentResult; redeploy the Modal app")
                     logger.warning("A Modal call failed with %d segments unanswered: %r",
                                    len(unanswered), output)
-                    exceptions.append(output)
+                    failures.add(output, unanswered)
+                for failure in failures.resolve(unanswered):
+                    yield failure
 
-                # Checked after every output: a result can leave only failed segments.
-                if exceptions and len(exceptions) >= len(unanswered):
-                    for failure in _match_failures(unanswered, exceptions):
-                        yield failure
-
-            # Modal ended the map, so every segment left has had its output.
-            for failure in _match_failures(unanswered, exceptions):
+            # Modal ended the map, so each segment left has one of the exceptions left.
+            for failure in failures.resolve(unanswered, at_end=True):
                 yield failure
-            for error in exceptions:
+            for error in failures.leftovers():
                 yield error
         finally:
             await outputs.aclose()
@@ -204,22 +216,73 @@ class ModalBackend:
             yield segment
 
 
-def _match_failures(unanswered: dict[int, SegmentInput],
-                    exceptions: list[BaseException]) -> list[SegmentResult]:
-    """Pair unanswered segments with exceptions, in index and arrival order, and remove them.
+class _Failures:
+    """Exceptions from Modal's map, each with the segments it can belong to.
 
-    NOTE: when several calls fail before any of them can be matched, the pairing can
-    swap their messages; the set of failed segments is still exact.
+    An exception belongs to one of the segments unanswered when it arrived, and not to
+    any that has since had its result. Take an exception with candidates X. The
+    exceptions whose candidates all lie in X belong to distinct segments of X. When
+    they are as many as X, every segment of X failed, so those segments are matched to
+    those exceptions at once and leave every other exception's candidates.
     """
-    failures = []
-    for index in sorted(unanswered)[: len(exceptions)]:
-        segment = unanswered.pop(index)
-        error = exceptions.pop(0)
-        failures.append(SegmentResult(
-            index=segment.index,
-            start=round(segment.offset, 3),
-            end=round(segment.end, 3),
-            error=f"{type(error).__name__}: {error}",
-        ))
-        logger.warning("Segment %d failed on Modal: %s", segment.index, failures[-1].error)
-    return failures
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[BaseException, set[int]]] = []
+
+    def add(self, error: BaseException, unanswered: dict[int, SegmentInput]) -> None:
+        self._pending.append((error, set(unanswered)))
+
+    def answered(self, index: int) -> None:
+        for _, candidates in self._pending:
+            candidates.discard(index)
+
+    def resolve(self, unanswered: dict[int, SegmentInput], *,
+                at_end: bool = False) -> list[SegmentResult]:
+        """Return failed results for the segments whose failure is now certain.
+
+        `at_end` means Modal's map has ended, so each unanswered segment failed.
+        """
+        if at_end:
+            # An exception whose candidates all got results, which Modal's one output
+            # per input rules out, may belong to any segment still unanswered.
+            for _, candidates in self._pending:
+                if not candidates:
+                    candidates.update(unanswered)
+
+        results: list[SegmentResult] = []
+        matched = True
+        while matched:
+            matched = False
+            for _, candidates in self._pending:
+                owners = [entry for entry in self._pending if entry[1] <= candidates]
+                if candidates and len(owners) == len(candidates):
+                    results.extend(self._match(sorted(candidates), owners, unanswered))
+                    matched = True
+                    break
+        return results
+
+    def leftovers(self) -> list[BaseException]:
+        """Return the exceptions no segment could be matched to, and forget them."""
+        errors = [error for error, _ in self._pending]
+        self._pending = []
+        return errors
+
+    def _match(self, indices: list[int], owners: list[tuple[BaseException, set[int]]],
+               unanswered: dict[int, SegmentInput]) -> list[SegmentResult]:
+        # NOTE: when one group contains several failures, the messages are paired by
+        # index and arrival order and can be swapped. The set of failed segments is exact.
+        self._pending = [entry for entry in self._pending
+                         if not any(entry is owner for owner in owners)]
+        for _, candidates in self._pending:
+            candidates.difference_update(indices)
+        results = []
+        for index, (error, _) in zip(indices, owners):
+            segment = unanswered.pop(index)
+            results.append(SegmentResult(
+                index=segment.index,
+                start=round(segment.offset, 3),
+                end=round(segment.end, 3),
+                error=f"{type(error).__name__}: {error}",
+            ))
+            logger.warning("Segment %d failed on Modal: %s", segment.index, results[-1].error)
+        return results
