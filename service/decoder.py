@@ -259,6 +259,7 @@ class AudioDecoder:
 
 _TRUNCATION_HINTS = (
     "end of file",
+    "ended prematurely",
     "invalid data found",
     "truncat",
     "partial file",

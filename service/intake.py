@@ -13,7 +13,7 @@ from starlette.requests import Request
 from gpu_workers.segments import TranscribeOptions
 from service.errors import ServiceError
 from service.jobs import Job, JobManager, new_job_id
-from service.media import probe
+from service.media import measure_duration, probe
 from service.settings import model_label
 from service.upload import Upload, check_content_length, receive_upload
 
@@ -136,6 +136,15 @@ async def accept_job(request: Request, *,
         track = form_int(upload, "audio_track", 0, 63)
         media = await probe(upload.path, upload.filename, timeout=settings.probe_timeout_seconds,
                             ffprobe=settings.ffprobe)
+        stream = media.pick_audio(track)
+        if media.duration is None:
+            # Without a duration in the header the limit below could not apply, so the
+            # stream's packets are counted instead.
+            measured = await measure_duration(upload.path, stream.index,
+                                              timeout=settings.probe_timeout_seconds,
+                                              ffmpeg=settings.ffmpeg)
+            if measured is not None:
+                media = replace(media, duration=measured)
         if media.duration is not None and media.duration > settings.max_duration_seconds:
             raise ServiceError(
                 f"{upload.filename!r} lasts {media.duration:.0f} s, over the limit of "
@@ -143,7 +152,6 @@ async def accept_job(request: Request, *,
                 code="duration_too_long",
                 status_code=413,
             )
-        stream = media.pick_audio(track)
         manager.check_capacity()
         job = Job(
             id=job_id,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,41 @@ def _explain_probe_failure(stderr: str, filename: str, path: Path) -> MediaError
         code="not_media",
         status_code=415,
     )
+
+
+async def measure_duration(path: Path, stream_index: int, *, timeout: float,
+                           ffmpeg: str = FFMPEG) -> float | None:
+    """Return the length in seconds of stream `stream_index`, found by reading all its packets.
+
+    For files whose header states no duration, such as a WebM recording written to a
+    pipe. Packets are copied, not decoded, so this costs one read of the file. Returns
+    None when ffmpeg fails or runs past `timeout` seconds.
+    """
+    args = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path.resolve()),
+            "-map", f"0:{stream_index}", "-c", "copy", "-f", "null",
+            "-progress", "pipe:1", "-nostats", "-"]
+    process = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        stdout, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        logger.warning("ffmpeg timed out after %g s measuring the duration of %s", timeout, path)
+        return None
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    # -progress writes blocks of key=value lines, and the last out_time_us is the end.
+    times = re.findall(rb"^out_time_us=(\d+)$", stdout, re.MULTILINE)
+    if process.returncode != 0 or not times:
+        logger.warning("ffmpeg could not measure the duration of %s (exit status %d)",
+                       path, process.returncode)
+        return None
+    return int(times[-1]) / 1_000_000
 
 
 async def probe(path: Path, filename: str, *, timeout: float, ffprobe: str = FFPROBE) -> MediaInfo:

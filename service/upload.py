@@ -45,6 +45,9 @@ def display_name(raw: str | None) -> str:
     """Return a printable version of a client's file name, safe to echo in JSON and headers."""
     if not raw:
         return "upload"
+    # Browsers and httpx send '"', CR and LF in multipart file names as %22, %0D and
+    # %0A, as the WHATWG form encoding requires. Decoding them restores the name sent.
+    raw = raw.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     return name.strip()[:200] or "upload"
@@ -114,7 +117,9 @@ async def receive_upload(request: Request, folder: Path, *, max_bytes: int) -> U
         header_value.extend(data[start:end])
 
     def on_header_end() -> None:
-        headers[header_field.decode("latin-1").lower()] = header_value.decode("utf-8", "replace")
+        # latin-1 keeps one character per byte: parse_options_header encodes the
+        # parameters back to latin-1, and the file name's bytes are decoded as UTF-8 below.
+        headers[header_field.decode("latin-1").lower()] = header_value.decode("latin-1")
         header_field.clear()
         header_value.clear()
 
