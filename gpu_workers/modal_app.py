@@ -275,16 +275,19 @@ class WhisperWorker:
 # `order_outputs=False` so each transcript streams back as soon as its container is
 # done.
 #
-# NOTE: jobs live in the web container, in memory and in a SQLite file on its own
-# disk, so the function runs in one container (`max_containers=1`): a second container
-# would not find a job to resume or download. The file goes with the container when it
-# scales down, so finished transcripts last until then. Several containers, or jobs
-# that outlast one, need a job store in a `modal.Dict` or a Volume.
+# Jobs are written to a `modal.Dict` (`STREAMSCRIBE_JOB_STORE=modal-dict`), so finished
+# transcripts and event logs outlive the container and any container can serve them.
+# NOTE: a running job's live state (its readers and its grace period) is in the memory
+# of the container that runs it, so the function still runs in one container
+# (`max_containers=1`): a resume routed to a second container would see the stored
+# events but not the live ones.
 
 
 def _web_env() -> dict[str, str]:
     env = {
         "STREAMSCRIBE_MODEL": MODEL,
+        "STREAMSCRIBE_JOB_STORE": "modal-dict",
+        "STREAMSCRIBE_MODAL_DICT_NAME": f"{APP_NAME}-jobs",
         "STREAMSCRIBE_MODAL_MAX_CONTAINERS": str(MAX_CONTAINERS),
         "STREAMSCRIBE_MODAL_INPUTS_PER_CONTAINER": str(INPUTS_PER_CONTAINER),
     }

@@ -20,7 +20,7 @@ from service.backends import TranscriptionBackend, create_backend
 from service.errors import ServiceError
 from service.jobs import JobManager
 from service.settings import Settings
-from service.store import SqliteJobStore
+from service.store import JobStore, create_store
 
 HOUSEKEEPING_SECONDS = 60.0
 """How often finished jobs are checked against the memory and retention limits."""
@@ -28,11 +28,12 @@ HOUSEKEEPING_SECONDS = 60.0
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, backend: TranscriptionBackend | None = None) -> FastAPI:
-    """Build the service; `backend` overrides the one `settings.backend` names (for tests)."""
+def create_app(settings: Settings | None = None, backend: TranscriptionBackend | None = None,
+               store: JobStore | None = None) -> FastAPI:
+    """Build the service; `backend` and `store` replace the ones `settings` names."""
     settings = settings or Settings.from_env()
     backend = backend or create_backend(settings)
-    store = SqliteJobStore(settings.database)
+    store = store or create_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -63,6 +63,10 @@ class Settings:
     max_active_jobs: int = 4
     max_queued_jobs: int = 16
     grace_seconds: float = 30.0
+    # Where jobs are kept: "sqlite" (the file below) or "modal-dict" (a modal.Dict
+    # named by modal_dict_name, which every container of a Modal app reads).
+    job_store: str = "sqlite"
+    modal_dict_name: str = "streamscribe-jobs"
     # The SQLite job store; ":memory:" keeps jobs only for the life of the process.
     database: Path = field(default_factory=lambda: _data_home() / "streamscribe" / "jobs.sqlite3")
     # Finished jobs older than this are deleted from the store.

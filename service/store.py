@@ -158,3 +158,17 @@ class SqliteJobStore:
 
         await self._call(shut)
         self._executor.shutdown(wait=True)
+
+
+def create_store(settings) -> JobStore:
+    """Build the job store that `settings.job_store` names."""
+    if settings.job_store == "sqlite":
+        return SqliteJobStore(settings.database)
+    if settings.job_store == "modal-dict":
+        from service.store_modal import ModalDictJobStore
+
+        return ModalDictJobStore.from_name(settings.modal_dict_name)
+    raise ValueError(
+        f"unknown job store {settings.job_store!r}; set STREAMSCRIBE_JOB_STORE to "
+        "'sqlite' or 'modal-dict'"
+    )

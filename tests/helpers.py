@@ -153,14 +153,14 @@ IN_PROCESS_START_SECONDS = 60
 
 
 @contextlib.contextmanager
-def running_service(settings, backend=None) -> Iterator[tuple[str, object]]:
-    """Serve `create_app(settings, backend)` with uvicorn in this process on a free loopback port.
+def running_service(settings, backend=None, store=None) -> Iterator[tuple[str, object]]:
+    """Serve `create_app(settings, backend, store)` with uvicorn in this process on a free loopback port.
 
     Tests use it to put a counting or failing backend behind the real HTTP service.
     """
     from service.app import create_app
 
-    app = create_app(settings, backend=backend)
+    app = create_app(settings, backend=backend, store=store)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
