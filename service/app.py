@@ -67,7 +67,13 @@ def create_app(settings: Settings | None = None, backend: TranscriptionBackend |
 
     @app.exception_handler(ServiceError)
     async def service_error_handler(request: Request, error: ServiceError) -> JSONResponse:
-        return JSONResponse(error.to_json(), status_code=error.status_code, headers=error.headers)
+        headers = dict(error.headers)
+        if request.method == "POST":
+            # A rejected upload's body may be mostly unsent (413, 401, 503, 507). Unless
+            # the connection closes, uvicorn reads and discards all of it to keep the
+            # connection alive, and the client sees the error only after sending it all.
+            headers.setdefault("Connection", "close")
+        return JSONResponse(error.to_json(), status_code=error.status_code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:

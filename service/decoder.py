@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -63,6 +65,14 @@ def _to_mono(block: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(mix, -32768, 32767).astype(np.int16)
 
 
+def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill `process` and every process it started, which share its process group."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def build_ffmpeg_args(path: Path, stream_index: int, channels: int, ffmpeg_binary: str = FFMPEG) -> list[str]:
     """Return ffmpeg's argument list to write one audio stream as 16 kHz s16le PCM to stdout.
 
@@ -112,7 +122,13 @@ class AudioDecoder:
         self._stop = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
-        self._last_read = time.monotonic()
+        # The start of the thread's current wait on ffmpeg's output (None between reads)
+        # and the total of its past waits. The watchdog times only these waits.
+        self._reading_since: float | None = None
+        self._read_seconds = 0.0
+        # Set once ffmpeg's process group is killed and its leader reaped, after which
+        # the leader's id may belong to another process.
+        self._reaped = False
 
     @property
     def pid(self) -> int | None:
@@ -155,8 +171,8 @@ class AudioDecoder:
         """Stop the thread and kill ffmpeg; safe to call from any thread, more than once."""
         self._stop.set()
         process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()
+        if process is not None and not self._reaped:
+            _kill_process_group(process)
 
     def _put(self, item: Piece | DecodeSummary | BaseException, notify) -> bool:
         while not self._stop.is_set():
@@ -168,16 +184,21 @@ class AudioDecoder:
             return True
         return False
 
-    def _watchdog(self, started: float) -> None:
+    def _watchdog(self) -> None:
+        # While the workers are behind, the thread waits on the full queue and ffmpeg on
+        # the full pipe. That time is not ffmpeg's, so only waits on its output count.
         while not self._stop.wait(0.5):
             process = self._process
             if process is None or process.poll() is not None:
                 return
-            now = time.monotonic()
-            if now - started > self.total_timeout or now - self._last_read > self.stall_timeout:
+            reading_since = self._reading_since
+            if reading_since is None:
+                continue
+            waiting = time.monotonic() - reading_since
+            if waiting > self.stall_timeout or self._read_seconds + waiting > self.total_timeout:
                 logger.warning("ffmpeg on %s timed out; killing pid %d", self.path, process.pid)
                 self._timed_out = True
-                process.kill()
+                _kill_process_group(process)
                 return
 
     def _run(self, notify) -> None:
@@ -188,28 +209,33 @@ class AudioDecoder:
             self._put(error, notify)
         finally:
             process = self._process
-            if process is not None and process.poll() is None:
-                process.kill()
             if process is not None:
+                _kill_process_group(process)
                 process.wait()
+                self._reaped = True
 
     def _decode(self, notify) -> None:
         args = build_ffmpeg_args(self.path, self.stream_index, self.channels, self.ffmpeg_binary)
         logger.debug("Running %s", args)
         with open(self.stderr_path, "wb") as stderr:
+            # A session of its own puts every process that the `ffmpeg` setting starts in
+            # one group, so one kill reaches them all. A wrapper script's child keeps the
+            # stdout pipe open, and while it lives the reader never sees the end of output.
             self._process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                start_new_session=True,
             )
-        started = self._last_read = time.monotonic()
-        threading.Thread(target=self._watchdog, args=(started,), daemon=True).start()
+        threading.Thread(target=self._watchdog, daemon=True).start()
         vad = get_vad_model()
         assert self._process.stdout is not None
         frame_bytes = 2 * self.channels
         block_bytes = BLOCK_WINDOWS * WINDOW * frame_bytes
         leftover = b""
         while not self._stop.is_set():
+            self._reading_since = time.monotonic()
             chunk = self._process.stdout.read(block_bytes - len(leftover))
-            self._last_read = time.monotonic()
+            self._read_seconds += time.monotonic() - self._reading_since
+            self._reading_since = None
             if not chunk:
                 break
             leftover += chunk

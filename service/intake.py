@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -55,17 +56,20 @@ def form_int(upload: Upload, name: str, low: int, high: int) -> int | None:
     value = upload.value(name)
     if value is None or value.strip() == "":
         return None
-    if not value.strip().lstrip("-").isdigit() or not low <= int(value) <= high:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() rejects.
+    text = value.strip()
+    number = int(text) if re.fullmatch(r"[+-]?[0-9]{1,18}", text) else None
+    if number is None or not low <= number <= high:
         raise ServiceError(f"form field {name!r} must be a whole number from {low} to {high}, "
                            f"not {value!r}", code="invalid_field")
-    return int(value)
+    return number
 
 
 def form_language(upload: Upload) -> str | None:
     value = (upload.value("language") or "").strip().lower()
     if not value or value == "auto":
         return None
-    if not (value.isascii() and value.replace("-", "").isalpha() and 2 <= len(value) <= 8):
+    if not re.fullmatch(r"[a-z]{2,3}(-[a-z0-9]{1,8})*", value):
         raise ServiceError(f"form field 'language' must be a language code such as 'en', "
                            f"not {value!r}", code="invalid_field")
     return value.split("-")[0]

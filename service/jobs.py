@@ -106,14 +106,16 @@ class Job:
             await self.store.set_status(self.id, status, self.finished_at)
 
     async def follow(self, after: int = -1) -> AsyncIterator[StoredEvent]:
-        """Yield every event with an id above `after`, then new ones until `done`."""
-        position = after + 1
+        """Yield every event with an id above `after`, then new ones until `done`.
+
+        A negative `after` replays from the start. An `after` at or past the last id
+        of a finished job yields nothing and returns at once.
+        """
+        position = max(after + 1, 0)
         while True:
             async with self._changed:
-                # A live job always ends with a `done` event. Only a job read back from
-                # the store (it has no task) can be finished with no event still to come.
                 await self._changed.wait_for(
-                    lambda: len(self.events) > position or (self.finished and self.task is None)
+                    lambda: len(self.events) > position or self._log_complete()
                 )
                 batch = self.events[position:]
             for stored in batch:
@@ -123,6 +125,13 @@ class Job:
                     return
             if not batch:
                 return
+
+    def _log_complete(self) -> bool:
+        # A live job's log is complete once it ends with `done`. Only a job read back
+        # from the store (it has no task) can be finished with no `done` in its log.
+        if self.events and self.events[-1].event == "done":
+            return True
+        return self.finished and self.task is None
 
     def progress(self) -> ProgressEvent:
         duration = self.duration

@@ -95,8 +95,7 @@ async def create_transcription(request: Request) -> Response:
         )
     done = await _wait_for_done(manager, job)
     if done.get("status") != "completed":
-        message = _failure_message(job) or "transcription failed"
-        raise ServiceError(message, code="transcription_failed", status_code=500)
+        raise _failure_error(job, done.get("status", "failed"))
     return render(job, _response_format(upload), with_words="word" in _granularities(upload))
 
 
@@ -117,9 +116,20 @@ async def _wait_for_done(manager: JobManager, job: Job) -> dict:
     return {}
 
 
-def _failure_message(job: Job) -> str | None:
-    errors = [event.data["message"] for event in job.events if event.event == "error"]
-    return "; ".join(errors) if errors else None
+MEDIA_ERROR_CODES = frozenset({"decode_failed", "no_audio_decoded"})
+"""`error` event codes that blame the uploaded file rather than the server."""
+
+
+def _failure_error(job: Job, status: str) -> ServiceError:
+    """Build the error for a job that did not complete.
+
+    It is a 422 when every error event blames the file's audio, and a 500 otherwise.
+    """
+    errors = [event.data for event in job.events if event.event == "error"]
+    message = "; ".join(error["message"] for error in errors) or f"transcription {status}"
+    if errors and all(error.get("code") in MEDIA_ERROR_CODES for error in errors):
+        return ServiceError(message, code=errors[0]["code"], status_code=422)
+    return ServiceError(message, code="transcription_failed", status_code=500)
 
 
 def render(job: Job, response_format: str, *, with_words: bool) -> Response:
@@ -208,9 +218,7 @@ async def _stream(manager: JobManager, job: Job) -> AsyncIterator[bytes]:
                 texts[int(stored.data["segment"])] = ""
             elif stored.event == "done":
                 if stored.data["status"] != "completed":
-                    message = _failure_message(job) or f"transcription {stored.data['status']}"
-                    error = ServiceError(message, code="transcription_failed", status_code=500)
-                    yield _sse(error.to_json())
+                    yield _sse(_failure_error(job, stored.data["status"]).to_json())
                     return
                 for index in sorted(texts):
                     if index >= next_index and texts[index]:
