@@ -12,11 +12,16 @@ and reports total seconds, time to the first segment, word error rate against th
 reference, peak resident memory (VmHWM of the child process or of the server) and CPU
 seconds. `plain` and `batched` run in child processes (`bench.whole_file`), so their
 memory is measured the same way as the server's. Model loading is left out of every
-time: the server loads its model before /readyz answers.
+time: the server loads its model before /readyz returns 200.
 
     nice -n 10 python -m bench.compare --lengths 1,10,60
     nice -n 10 python -m bench.compare --lengths 10 --methods service \\
-        --service default: --service w1t2:workers=1,threads_per_worker=2
+        --service default: --service w1t2:workers=1,threads_per_worker=2 \\
+        --service batch2:bench_batch_size=2,segment_seconds=25,max_segment_seconds=30
+
+A `bench_batch_size` setting runs the experimental `bench.batched_backend` in place of
+the service's own backend, and a setting `env.NAME=VALUE` sets the server's environment
+variable NAME (for example `env.MALLOC_ARENA_MAX=2`).
 
 Results go to bench/.cache/results as JSON after every measurement, and the report to
 the "compare" section of docs/benchmarks.md with a plot in docs/benchmarks.png.
@@ -25,31 +30,52 @@ the "compare" section of docs/benchmarks.md with a plot in docs/benchmarks.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
+from bench.batched_backend import start_batched_server
 from bench.make_media import SpeechMedia, build_media
-from bench.measure import cpu_seconds, describe_machine, peak_rss_bytes, usable_cores, word_error_rate
+from bench.measure import (
+    cpu_seconds,
+    describe_machine,
+    machine_busy_seconds,
+    peak_rss_bytes,
+    resident_bytes,
+    usable_cores,
+    wait_for_idle_machine,
+    word_error_rate,
+)
 from bench.report import DOCS_PAGE, RESULTS_DIR, ROOT, markdown_table, megabytes, write_docs_section
 from tests.helpers import read_events, start_server
 
 PLOT_PATH = DOCS_PAGE.with_name("benchmarks.png")
 RUNS_DIR = Path(__file__).resolve().parent / ".cache" / "runs"
 
+BATCHED_BACKEND_SETTING = "bench_batch_size"
+"""A --service setting that runs `bench.batched_backend` with this many segments per call."""
+
+ENV_PREFIX = "env."
+"""A --service setting named env.NAME sets the server's environment variable NAME as is."""
+
 BEAM_SIZE = 5
 COMPUTE_TYPE = "int8"
 
 WHOLE_FILE_TIMEOUT_SECONDS = 3600
+CANCEL_TIMEOUT_SECONDS = 60
 SERVICE_READ_TIMEOUT_SECONDS = 300
-"""Longest wait for the next line of the event stream; the server pings every 15 s."""
+"""Maximum wait for the next line of the event stream; the server pings every 15 s."""
 
 # Targets for the 2-core reference machine, checked in the report.
 TARGET_RATIO_TO_PLAIN = 0.5
@@ -57,6 +83,8 @@ TARGET_RATIO_TO_BATCHED = 1.0
 TARGET_FIRST_SEGMENT_SECONDS = 2.0
 TARGET_FIRST_SEGMENT_GROWTH = 0.20
 TARGET_SERVER_PEAK_BYTES = 1.5e9
+TARGET_PEAK_GROWTH = 0.20
+"""Growth of the server's peak memory from the shortest to the longest video that still counts as flat."""
 TARGET_LENGTH_MINUTES = 10.0
 
 
@@ -73,7 +101,7 @@ class Measurement:
     peak_rss_bytes: int
     cpu_seconds: float
     segments: int
-    load_average: float
+    other_cpu_seconds: float
     settings: dict[str, str] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
 
@@ -93,7 +121,7 @@ def measure_whole_file(media: SpeechMedia, minutes: float, mode: str, args: argp
         "--mode", mode, "--threads", str(args.threads), "--beam-size", str(BEAM_SIZE),
         "--batch-size", str(args.batch_size), "--compute-type", COMPUTE_TYPE,
     ]
-    load_average = os.getloadavg()[0]
+    wait_for_idle_machine(args.idle_cores)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                             timeout=WHOLE_FILE_TIMEOUT_SECONDS)
     if result.returncode != 0:
@@ -114,33 +142,38 @@ def measure_whole_file(media: SpeechMedia, minutes: float, mode: str, args: argp
         peak_rss_bytes=record["peak_rss_bytes"],
         cpu_seconds=record["cpu_seconds"],
         segments=record["segments"],
-        load_average=load_average,
+        other_cpu_seconds=record["other_cpu_seconds"],
         settings=settings,
         details={"load_seconds": record["load_seconds"], "text": record["text"]},
     )
 
 
-def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, workdir: Path) -> Measurement:
-    """Start a fresh server, upload the video, read events until `done`, then stop it."""
-    settings = {"model": "bundled", "device": "cpu", "compute_type": COMPUTE_TYPE,
-                "beam_size": str(BEAM_SIZE), **config.settings}
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = start_server(workdir, **settings)
-    try:
-        pid = server.process.pid
-        ready_rss = peak_rss_bytes(pid)
-        cpu_before = cpu_seconds(pid)
-        load_average = os.getloadavg()[0]
-        timeout = httpx.Timeout(30.0, read=SERVICE_READ_TIMEOUT_SECONDS)
-        job_seconds = first_segment_seconds = None
-        done: dict | None = None
-        errors: list[dict] = []
-        segment_lengths: list[float] = []
+@dataclass
+class _StreamRun:
+    """What one upload to the native endpoint returned, with client-side times from the upload start."""
 
-        started = time.perf_counter()
-        with httpx.Client(timeout=timeout) as client, media.video.open("rb") as handle:
+    job_id: str | None = None
+    job_seconds: float | None = None
+    first_segment_seconds: float | None = None
+    total_seconds: float = 0.0
+    done: dict | None = None
+    errors: list[dict] = field(default_factory=list)
+    segment_lengths: list[float] = field(default_factory=list)
+
+
+def _upload(url: str, media: SpeechMedia, *, stop_at_first_segment: bool = False) -> _StreamRun:
+    """Upload the video and read its event stream until `done`, or until the first segment.
+
+    With `stop_at_first_segment`, the job is cancelled through its cancel endpoint and
+    this returns once the job has stopped, so the next upload gets the whole machine.
+    """
+    run = _StreamRun()
+    timeout = httpx.Timeout(30.0, read=SERVICE_READ_TIMEOUT_SECONDS)
+    started = time.perf_counter()
+    with httpx.Client(timeout=timeout) as client:
+        with media.video.open("rb") as handle:
             files = {"file": (media.video.name, handle, "video/mp4")}
-            with client.stream("POST", f"{server.url}/v1/transcriptions", files=files) as response:
+            with client.stream("POST", f"{url}/v1/transcriptions", files=files) as response:
                 if response.status_code != 200:
                     raise RuntimeError(
                         f"upload of {media.video.name} failed with HTTP {response.status_code}: "
@@ -148,48 +181,148 @@ def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, w
                     )
                 for event in read_events(response):
                     elapsed = time.perf_counter() - started
-                    if event.name == "job" and job_seconds is None:
-                        job_seconds = elapsed
+                    if event.name == "job" and run.job_seconds is None:
+                        run.job_seconds = elapsed
+                        run.job_id = event.data["job_id"]
                     elif event.name == "segment":
-                        if first_segment_seconds is None:
-                            first_segment_seconds = elapsed
-                        segment_lengths.append(event.data["end"] - event.data["start"])
+                        if run.first_segment_seconds is None:
+                            run.first_segment_seconds = elapsed
+                        run.segment_lengths.append(event.data["end"] - event.data["start"])
+                        if stop_at_first_segment:
+                            break
                     elif event.name == "error":
-                        errors.append(event.data)
+                        run.errors.append(event.data)
                     elif event.name == "done":
-                        done = event.data
+                        run.done = event.data
                         break
-        total_seconds = time.perf_counter() - started
-        if done is None:
+        run.total_seconds = time.perf_counter() - started
+        if stop_at_first_segment and run.job_id is not None and run.done is None:
+            _cancel_and_wait(client, url, run.job_id)
+    return run
+
+
+def _cancel_and_wait(client: httpx.Client, url: str, job_id: str) -> None:
+    client.post(f"{url}/v1/jobs/{job_id}/cancel").raise_for_status()
+    deadline = time.monotonic() + CANCEL_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        status = client.get(f"{url}/v1/jobs/{job_id}").json().get("status")
+        if status in ("cancelled", "completed", "failed"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"job {job_id} did not stop within {CANCEL_TIMEOUT_SECONDS} s of its cancel request")
+
+
+class _RssSampler:
+    """Samples a process's resident memory (VmRSS) in a thread, every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _RssSampler:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                rss = resident_bytes(self.pid)
+            except (OSError, KeyError):
+                return
+            self.samples.append((round(time.perf_counter() - self._started, 2), rss))
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, so a child process started in it inherits them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, workdir: Path,
+                    args: argparse.Namespace) -> Measurement:
+    """Start a fresh server, upload the video, read events until `done`, then stop it.
+
+    After the full run, `--first-segment-repeats` more uploads each stop at the first
+    segment, to give the time to the first segment as a median rather than one sample.
+    """
+    settings = {"model": "bundled", "device": "cpu", "compute_type": COMPUTE_TYPE,
+                "beam_size": str(BEAM_SIZE), **config.settings}
+    workdir.mkdir(parents=True, exist_ok=True)
+    batch_size = settings.pop(BATCHED_BACKEND_SETTING, None)
+    environment = {name[len(ENV_PREFIX):]: settings.pop(name) for name in list(settings)
+                   if name.startswith(ENV_PREFIX)}
+    with _environment(environment):
+        if batch_size is None:
+            server = start_server(workdir, **settings)
+        else:
+            server = start_batched_server(workdir, int(batch_size), **settings)
+    try:
+        pid = server.process.pid
+        ready_rss = peak_rss_bytes(pid)
+        wait_for_idle_machine(args.idle_cores)
+        cpu_before = cpu_seconds(pid)
+        own_cpu_before = cpu_seconds()
+        busy_before = machine_busy_seconds()
+        with _RssSampler(pid) as sampler:
+            run = _upload(server.url, media)
+        if run.done is None:
             raise RuntimeError(f"the event stream for {media.video.name} ended without a done event")
         peak = peak_rss_bytes(pid)
         cpu = cpu_seconds(pid) - cpu_before
+        other_cpu = machine_busy_seconds() - busy_before - cpu - (cpu_seconds() - own_cpu_before)
+
+        first_segment_times = [run.first_segment_seconds] if run.first_segment_seconds is not None else []
+        for _ in range(args.first_segment_repeats):
+            wait_for_idle_machine(args.idle_cores)
+            repeat = _upload(server.url, media, stop_at_first_segment=True)
+            if repeat.first_segment_seconds is not None:
+                first_segment_times.append(repeat.first_segment_seconds)
     finally:
         server.stop()
 
+    lengths = run.segment_lengths
     return Measurement(
         method=config.label,
         minutes=minutes,
         duration=media.duration,
-        total_seconds=round(total_seconds, 3),
-        first_segment_seconds=None if first_segment_seconds is None else round(first_segment_seconds, 3),
-        word_error_rate=word_error_rate(media.reference_text(), done["text"]),
+        total_seconds=round(run.total_seconds, 3),
+        first_segment_seconds=(
+            round(statistics.median(first_segment_times), 3) if first_segment_times else None
+        ),
+        word_error_rate=word_error_rate(media.reference_text(), run.done["text"]),
         peak_rss_bytes=peak,
         cpu_seconds=round(cpu, 2),
-        segments=done["segments"],
-        load_average=load_average,
+        segments=run.done["segments"],
+        other_cpu_seconds=round(max(0.0, other_cpu), 2),
         settings=config.settings,
         details={
-            "job_event_seconds": job_seconds,
+            "job_event_seconds": run.job_seconds,
+            "first_segment_times": [round(value, 3) for value in first_segment_times],
             "ready_rss_bytes": ready_rss,
-            "status": done["status"],
-            "errors": errors,
-            "segment_seconds_mean": (
-                round(sum(segment_lengths) / len(segment_lengths), 2) if segment_lengths else None
-            ),
-            "segment_seconds_max": round(max(segment_lengths), 2) if segment_lengths else None,
+            "rss_samples": sampler.samples,
+            "status": run.done["status"],
+            "errors": run.errors,
+            "segment_seconds_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+            "segment_seconds_max": round(max(lengths), 2) if lengths else None,
             "server_log": str(server.log_path),
-            "text": done["text"],
+            "text": run.done["text"],
         },
     )
 
@@ -217,13 +350,13 @@ def results_table(results: list[Measurement]) -> str:
             f"{megabytes(result.peak_rss_bytes):.0f}",
             f"{result.cpu_seconds:.1f}",
             result.segments,
-            f"{result.load_average:.2f}",
+            f"{result.other_cpu_seconds:.1f}",
         ]
         for result in results
     ]
     return markdown_table(
         ["video (min)", "method", "total (s)", "first segment (s)", "WER (%)",
-         "peak RSS (MB)", "CPU (s)", "segments", "load before"],
+         "peak RSS (MB)", "CPU (s)", "segments", "other CPU (s)"],
         rows,
     )
 
@@ -248,7 +381,7 @@ def ratio_table(results: list[Measurement], service_labels: list[str]) -> str:
 
 
 def target_checks(results: list[Measurement], service_labels: list[str]) -> list[str]:
-    """Return one line per target and service configuration: the number and whether it holds."""
+    """Return one line per target and service configuration: the number and whether the target is met."""
     indexed = _by_key(results)
     lengths = sorted({result.minutes for result in results})
     lines = []
@@ -263,10 +396,10 @@ def target_checks(results: list[Measurement], service_labels: list[str]) -> list
             to_plain = _ratio(reference.total_seconds, plain and plain.total_seconds)
             to_batched = _ratio(reference.total_seconds, batched and batched.total_seconds)
             if to_plain is not None:
-                lines.append(_check(label, f"(c)/(a) at {TARGET_LENGTH_MINUTES:g} min is {to_plain:.2f}",
+                lines.append(_check(label, f"(c)/(a) at {TARGET_LENGTH_MINUTES:g} min is {to_plain:.3f}",
                                     to_plain <= TARGET_RATIO_TO_PLAIN, f"≤ {TARGET_RATIO_TO_PLAIN}"))
             if to_batched is not None:
-                lines.append(_check(label, f"(c)/(b) at {TARGET_LENGTH_MINUTES:g} min is {to_batched:.2f}",
+                lines.append(_check(label, f"(c)/(b) at {TARGET_LENGTH_MINUTES:g} min is {to_batched:.3f}",
                                     to_batched <= TARGET_RATIO_TO_BATCHED, f"≤ {TARGET_RATIO_TO_BATCHED}"))
             first = reference.first_segment_seconds
             if first is not None:
@@ -289,13 +422,21 @@ def target_checks(results: list[Measurement], service_labels: list[str]) -> list
                     f"against plain {100 * plain.word_error_rate:.1f} %",
                     service.word_error_rate <= plain.word_error_rate, "no higher than plain",
                 ))
-        longest = services[-1]
+        shortest, longest = services[0], services[-1]
         lines.append(_check(
             label,
-            f"server peak RSS at {longest.minutes:g} min is {megabytes(longest.peak_rss_bytes):.0f} MB "
-            f"({megabytes(services[0].peak_rss_bytes):.0f} MB at {services[0].minutes:g} min)",
+            f"server peak RSS at {longest.minutes:g} min is {megabytes(longest.peak_rss_bytes):.0f} MB",
             longest.peak_rss_bytes < TARGET_SERVER_PEAK_BYTES, f"< {TARGET_SERVER_PEAK_BYTES / 1e9:g} GB",
         ))
+        if len(services) >= 2:
+            growth = longest.peak_rss_bytes / shortest.peak_rss_bytes - 1
+            lines.append(_check(
+                label,
+                f"server peak RSS grows {100 * growth:+.0f} % from {shortest.minutes:g} to "
+                f"{longest.minutes:g} min ({megabytes(shortest.peak_rss_bytes):.0f} to "
+                f"{megabytes(longest.peak_rss_bytes):.0f} MB)",
+                growth < TARGET_PEAK_GROWTH, f"flat, taken as < {100 * TARGET_PEAK_GROWTH:.0f} %",
+            ))
     return lines
 
 
@@ -309,17 +450,23 @@ def plot(results: list[Measurement], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     methods = list(dict.fromkeys(result.method for result in results))
+    lengths = sorted({round(result.duration / 60, 1) for result in results})
     figure, (first_axes, total_axes) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for method in methods:
         rows = sorted((r for r in results if r.method == method), key=lambda r: r.duration)
         minutes = [row.duration / 60 for row in rows]
-        first_axes.plot(minutes, [row.first_segment_seconds for row in rows], marker="o", label=method)
-        total_axes.plot(minutes, [row.total_seconds for row in rows], marker="o", label=method)
+        label = _method_label(method)
+        first_axes.plot(minutes, [row.first_segment_seconds for row in rows], marker="o", label=label)
+        total_axes.plot(minutes, [row.total_seconds for row in rows], marker="o", label=label)
     for axes, title in ((first_axes, "Time to first segment"), (total_axes, "Total time")):
         axes.set_xscale("log")
         axes.set_yscale("log")
+        axes.xaxis.set_major_locator(FixedLocator(lengths))
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.set_xticklabels([f"{length:g}" for length in lengths])
         axes.set_xlabel("video length (minutes)")
         axes.set_ylabel("seconds")
         axes.set_title(title)
@@ -327,6 +474,14 @@ def plot(results: list[Measurement], path: Path) -> None:
         axes.legend()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _method_label(method: str) -> str:
+    if method == "plain":
+        return "(a) plain"
+    if method == "batched":
+        return "(b) batched"
+    return f"(c) service {method}"
 
 
 def render_report(results: list[Measurement], service_labels: list[str], command: str,
@@ -343,10 +498,16 @@ def render_report(results: list[Measurement], service_labels: list[str], command
         "(a) is `plain`, (b) is `batched`, (c) is each service row. Times exclude model "
         "loading. The first segment of (a) and (b) is the first one their generator yields, "
         "timed from the `transcribe` call. For (c) it is the first `segment` event, timed "
-        "from the start of the upload. Peak RSS is the VmHWM of the child process or of "
+        "from the start of the upload: the median of the full run and of "
+        "`--first-segment-repeats` more uploads that are cancelled at their first segment. "
+        "Peak RSS is the VmHWM of the child process or of "
         "the server, not counting its ffmpeg child. CPU is that process's user plus system "
-        "time during the transcription. `load before` is the 1-minute load average when "
-        "the measurement started, because other work on the machine slows every number.",
+        "time during the transcription. `other CPU` is the CPU time that other processes "
+        "used during the measurement: on a shared machine it slows every number, so rows "
+        "with much of it are suspect. Each measurement waits first until the machine is "
+        "nearly idle and is repeated, up to `--retries` times, while other processes "
+        "used more than `--max-other-cpu` cores on average; the least disturbed attempt "
+        "is shown.",
         "",
         results_table(results),
         "",
@@ -386,7 +547,8 @@ def _parse_service(text: str) -> ServiceConfig:
         name, equals, value = item.partition("=")
         if not equals:
             raise argparse.ArgumentTypeError(f"--service setting {item!r} is not NAME=VALUE")
-        settings[name.strip().lower()] = value.strip()
+        name = name.strip()
+        settings[name if name.startswith(ENV_PREFIX) else name.lower()] = value.strip()
     return ServiceConfig(label, settings)
 
 
@@ -419,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads for plain and batched (default: usable cores)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="chunks per model call for batched (default: 8, faster-whisper's default)")
+    parser.add_argument("--idle-cores", type=float, default=0.3,
+                        help="before each measurement, wait until other processes use fewer "
+                             "cores than this, up to 15 minutes (default: 0.3; 0 disables the wait)")
+    parser.add_argument("--first-segment-repeats", type=int, default=0,
+                        help="extra uploads per service measurement that stop at the first "
+                             "segment; the table then shows the median time (default: 0)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="extra attempts for a measurement that other work disturbed (default: 2)")
+    parser.add_argument("--max-other-cpu", type=float, default=0.15,
+                        help="cores that other processes may use on average during a measurement "
+                             "before it counts as disturbed (default: 0.15)")
     parser.add_argument("--no-docs", action="store_true",
                         help="print the report but do not write docs/benchmarks.md or the plot")
     parser.add_argument("--from-results", type=Path, metavar="JSON",
@@ -467,16 +640,36 @@ def _measure(args: argparse.Namespace, command: str) -> tuple[list[Measurement],
               file=sys.stderr)
         for mode in ("plain", "batched"):
             if mode in args.methods:
-                results.append(measure_whole_file(media, minutes, mode, args))
-                _progress(results[-1])
+                results.append(_least_disturbed(
+                    lambda: measure_whole_file(media, minutes, mode, args), args))
                 save()
         if "service" in args.methods:
             for config in services:
                 workdir = RUNS_DIR / stamp / f"{config.label}-{minutes:g}min"
-                results.append(measure_service(media, minutes, config, workdir))
-                _progress(results[-1])
+                results.append(_least_disturbed(
+                    lambda: measure_service(media, minutes, config, workdir, args), args))
                 save()
     return results, service_labels, results_file
+
+
+def _least_disturbed(run: Callable[[], Measurement], args: argparse.Namespace) -> Measurement:
+    """Run a measurement, and again while other work disturbed it; return the least disturbed attempt.
+
+    The disturbance is other processes' CPU time divided by the wall time, that is the
+    cores they used on average; above `--max-other-cpu` the measurement is repeated, up
+    to `--retries` times.
+    """
+    attempts = []
+    for attempt in range(1 + args.retries):
+        result = run()
+        _progress(result)
+        attempts.append(result)
+        share = result.other_cpu_seconds / max(result.total_seconds, 1e-9)
+        if share <= args.max_other_cpu:
+            break
+        if attempt < args.retries:
+            print(f"  other processes used {share:.2f} cores; measuring again", file=sys.stderr)
+    return min(attempts, key=lambda result: result.other_cpu_seconds / max(result.total_seconds, 1e-9))
 
 
 def _progress(result: Measurement) -> None:
@@ -484,7 +677,7 @@ def _progress(result: Measurement) -> None:
     print(
         f"  {result.method}: total {result.total_seconds:.1f} s, first segment {first}, "
         f"WER {100 * result.word_error_rate:.1f} %, peak {megabytes(result.peak_rss_bytes):.0f} MB, "
-        f"CPU {result.cpu_seconds:.1f} s, load {result.load_average:.2f}",
+        f"CPU {result.cpu_seconds:.1f} s, other CPU {result.other_cpu_seconds:.1f} s",
         file=sys.stderr,
     )
 

@@ -40,7 +40,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache" / "media"
 LICENSE_DIR = Path("/usr/share/common-licenses")
 
-# Read in this order until the video is long enough; about 70 minutes of speech in all.
+# Read in this order until the video is long enough: about two hours of speech after cleaning.
 DOCUMENTS = (
     "GPL-3", "Apache-2.0", "MPL-2.0", "GPL-2", "LGPL-2.1", "MPL-1.1", "GFDL-1.3",
     "Artistic", "CC0-1.0", "BSD",
@@ -84,10 +84,6 @@ class SpeechMedia:
 
     def reference_text(self) -> str:
         return self.reference.read_text("utf-8")
-
-    @property
-    def label(self) -> str:
-        return f"{self.duration / 60:.1f} min"
 
 
 # ---------------------------------------------------------------- text cleaning
@@ -158,8 +154,8 @@ def speak(text: str) -> tuple[np.ndarray, int]:
     with wave.open(io.BytesIO(result.stdout)) as clip:
         rate = clip.getframerate()
         frames = clip.readframes(clip.getnframes())
-    # espeak-ng streams its WAV to stdout with a placeholder length in the header, so
-    # the frames are whatever follows the 44-byte header.
+    # Writing to stdout, espeak-ng puts a placeholder data length in the header. `wave`
+    # then reads to the end, and should it read nothing, the data follows the 44-byte header.
     if not frames:
         frames = result.stdout[44:]
     samples = np.frombuffer(frames[: len(frames) // 2 * 2], dtype="<i2")
@@ -249,7 +245,7 @@ def _assemble_speech(target_seconds: float) -> tuple[np.ndarray, int, list[tuple
     """Speak paragraphs in order until the audio is within a tolerance of the target.
 
     A paragraph that would overshoot the target by more than the tolerance is skipped
-    and the next one tried, so short videos do not end up a long paragraph too long.
+    and the next one tried, so a short video does not overshoot by a whole long paragraph.
     """
     tolerance = max(3.0, 0.02 * target_seconds)
     rate = 0
@@ -277,7 +273,7 @@ def _assemble_speech(target_seconds: float) -> tuple[np.ndarray, int, list[tuple
             break
     else:
         raise RuntimeError(
-            f"the licence texts hold only {total:.0f} s of speech, less than the "
+            f"the licence texts contain only {total:.0f} s of speech, less than the "
             f"{target_seconds:.0f} s requested; add documents to DOCUMENTS"
         )
     lead = np.zeros(int(LEAD_SECONDS * rate), dtype=np.int16)

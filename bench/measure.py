@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 
 import jiwer
@@ -39,6 +41,11 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return _status_field(pid, "VmHWM")
 
 
+def resident_bytes(pid: int | str = "self") -> int:
+    """Return the process's resident memory now (VmRSS)."""
+    return _status_field(pid, "VmRSS")
+
+
 def cpu_seconds(pid: int | str = "self") -> float:
     """Return user plus system CPU time of a process and of its children that it has waited for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -46,6 +53,47 @@ def cpu_seconds(pid: int | str = "self") -> float:
     # that is indices 11-14 here, in clock ticks.
     ticks = sum(int(value) for value in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """Return the CPU seconds all processes have used since boot, summed over cores.
+
+    Subtracting a measured process's own CPU time from the change over a measurement
+    gives the CPU time other work took from it on a shared machine.
+    """
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_idle_machine(max_busy_cores: float, sample_seconds: float = 3.0,
+                          timeout: float = 900.0) -> float:
+    """Block until all processes together use under `max_busy_cores` cores; return seconds waited.
+
+    Busy time is sampled over `sample_seconds`. After `timeout` seconds it gives up and
+    returns, so a benchmark on a loaded machine still finishes, with a message on stderr.
+    A `max_busy_cores` of 0 or less returns at once.
+    """
+    if max_busy_cores <= 0:
+        return 0.0
+    started = time.monotonic()
+    announced = False
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(sample_seconds)
+        busy_cores = (machine_busy_seconds() - before) / sample_seconds
+        waited = time.monotonic() - started
+        if busy_cores < max_busy_cores:
+            return waited
+        if waited >= timeout:
+            print(f"  machine still busy ({busy_cores:.2f} cores) after {waited:.0f} s; measuring anyway",
+                  file=sys.stderr)
+            return waited
+        if not announced:
+            print(f"  waiting for other work to finish ({busy_cores:.2f} cores busy)", file=sys.stderr)
+            announced = True
 
 
 def describe_machine() -> dict[str, str]:
