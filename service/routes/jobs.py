@@ -69,7 +69,7 @@ async def job_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Replay a job's events from the start, or after `Last-Event-ID`, then follow it live."""
     start = after if after is not None else parse_last_event_id(last_event_id)
-    async for event in follow_job(request.app.state.jobs, job, start):
+    async for event in follow_job(request.app.state.jobs, job, start, request=request):
         yield event
 
 

@@ -71,5 +71,5 @@ async def transcribe(request: Request, job: Annotated[Job, Depends(_accept)]) ->
     """Stream `job`, `segment`, `progress`, `error` and `done` events for an uploaded file."""
     manager = request.app.state.jobs
     break_after = manager.settings.test_break_stream_after
-    async for event in follow_job(manager, job, break_after=break_after):
+    async for event in follow_job(manager, job, request=request, break_after=break_after):
         yield event
