@@ -325,6 +325,10 @@ class JobManager:
 
     async def _finish(self, job: Job, status: str, elapsed: float, truncated: bool,
                       notes: list[str]) -> None:
+        # The files go first, so a client that sees `done` or the final status never
+        # finds the job's upload still on disk.
+        if job.folder is not None:
+            await asyncio.to_thread(shutil.rmtree, job.folder, True)
         if status == "completed":
             job.seconds_done = job.duration or job.seconds_done
         job.status = status
@@ -341,8 +345,6 @@ class JobManager:
             notes=notes,
         ))
         await job.set_status(status)
-        if job.folder is not None:
-            await asyncio.to_thread(shutil.rmtree, job.folder, True)
         logger.info("Job %s %s in %.1f s: %d segments, %d failed", job.id, status, elapsed,
                     len(job.results), len(job.failed))
 
