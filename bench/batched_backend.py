@@ -2,11 +2,14 @@
 
 This is the change proposed for `service/backends/local.py` and
 `gpu_workers/transcriber.py`, kept in bench/ so it can be measured end to end
-without touching the service. It differs from `LocalBackend` in two ways:
+without touching the service. It differs from `LocalBackend` in three ways:
 
 - Segments that arrive while every worker is busy wait, and a worker that comes free
   takes up to `batch_size` of them at once. The first segments of a job find idle
-  workers and run alone, so the time to the first segment does not grow.
+  workers and run alone.
+- With ramp-up on, only one segment per worker is taken from the splitter until the
+  first result is out, so the decoder's ffmpeg and VAD compete less with the first
+  segment. Without it, up to `2 * workers * batch_size` segments are taken at once.
 - A batch goes through faster-whisper's `BatchedInferencePipeline` with the segments
   as `clip_timestamps`, so the whole batch takes one encoder pass and one beam search.
   There is no second Silero VAD pass, because the splitter already trimmed the
@@ -21,7 +24,8 @@ measures the pipeline's decoding without batching. Segments that cannot be batch
 `SegmentTranscriber.transcribe` one at a time.
 
 Run a server with it, configured by the usual `STREAMSCRIBE_*` variables plus
-`BENCH_BATCH_SIZE` (segments per model call, default 2):
+`BENCH_BATCH_SIZE` (segments per model call, default 2) and `BENCH_RAMP_UP` (1 turns
+ramp-up on, default 0):
 
     python -m bench.batched_backend --port 8000
 """

@@ -5,7 +5,7 @@ and beam size (5), it measures:
 
   plain    `WhisperModel.transcribe` on the whole file, `cpu_threads` = usable cores
   batched  `BatchedInferencePipeline.transcribe` on the whole file, same threads
-  service  the server from `tests.helpers.start_server`, one fresh process per video
+  service  the server from `tests.helpers.start_server`, a fresh process per video
            and configuration, over HTTP on 127.0.0.1: upload until the `done` event
 
 and reports total seconds, time to the first segment, word error rate against the
@@ -19,9 +19,9 @@ time: the server loads its model before /readyz returns 200.
         --service default: --service w1t2:workers=1,threads_per_worker=2 \\
         --service batch2:bench_batch_size=2,segment_seconds=25,max_segment_seconds=30
 
-A `bench_batch_size` setting runs the experimental `bench.batched_backend` in place of
-the service's own backend, and a setting `env.NAME=VALUE` sets the server's environment
-variable NAME (for example `env.MALLOC_ARENA_MAX=2`).
+`--service` takes the settings described in `bench.service_runner`: `STREAMSCRIBE_*`
+fields by name, `bench_batch_size=N` for the experimental `bench.batched_backend`, and
+`env.NAME=VALUE` for the server's environment.
 
 Results go to bench/.cache/results as JSON after every measurement, and the report to
 the "compare" section of docs/benchmarks.md with a plot in docs/benchmarks.png.
@@ -30,52 +30,36 @@ the "compare" section of docs/benchmarks.md with a plot in docs/benchmarks.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-
-from bench.batched_backend import start_batched_server
 from bench.make_media import SpeechMedia, build_media
 from bench.measure import (
+    BEAM_SIZE,
+    COMPUTE_TYPE,
     cpu_seconds,
     describe_machine,
     machine_busy_seconds,
     peak_rss_bytes,
-    resident_bytes,
     usable_cores,
     wait_for_idle_machine,
     word_error_rate,
 )
 from bench.report import DOCS_PAGE, RESULTS_DIR, ROOT, markdown_table, megabytes, write_docs_section
-from tests.helpers import read_events, start_server
+from bench.service_runner import RssSampler, ServiceConfig, parse_service, start_service, upload_video
 
 PLOT_PATH = DOCS_PAGE.with_name("benchmarks.png")
 RUNS_DIR = Path(__file__).resolve().parent / ".cache" / "runs"
 
-BATCHED_BACKEND_SETTING = "bench_batch_size"
-"""A --service setting that runs `bench.batched_backend` with this many segments per call."""
-
-ENV_PREFIX = "env."
-"""A --service setting named env.NAME sets the server's environment variable NAME as is."""
-
-BEAM_SIZE = 5
-COMPUTE_TYPE = "int8"
 
 WHOLE_FILE_TIMEOUT_SECONDS = 3600
-CANCEL_TIMEOUT_SECONDS = 60
-SERVICE_READ_TIMEOUT_SECONDS = 300
-"""Maximum wait for the next line of the event stream; the server pings every 15 s."""
 
 # Targets for the 2-core reference machine, checked in the report.
 TARGET_RATIO_TO_PLAIN = 0.5
@@ -104,12 +88,6 @@ class Measurement:
     other_cpu_seconds: float
     settings: dict[str, str] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    label: str
-    settings: dict[str, str]
 
 
 # ---------------------------------------------------------------- measurements
@@ -148,113 +126,6 @@ def measure_whole_file(media: SpeechMedia, minutes: float, mode: str, args: argp
     )
 
 
-@dataclass
-class _StreamRun:
-    """What one upload to the native endpoint returned, with client-side times from the upload start."""
-
-    job_id: str | None = None
-    job_seconds: float | None = None
-    first_segment_seconds: float | None = None
-    total_seconds: float = 0.0
-    done: dict | None = None
-    errors: list[dict] = field(default_factory=list)
-    segment_lengths: list[float] = field(default_factory=list)
-
-
-def _upload(url: str, media: SpeechMedia, *, stop_at_first_segment: bool = False) -> _StreamRun:
-    """Upload the video and read its event stream until `done`, or until the first segment.
-
-    With `stop_at_first_segment`, the job is cancelled through its cancel endpoint and
-    this returns once the job has stopped, so the next upload gets the whole machine.
-    """
-    run = _StreamRun()
-    timeout = httpx.Timeout(30.0, read=SERVICE_READ_TIMEOUT_SECONDS)
-    started = time.perf_counter()
-    with httpx.Client(timeout=timeout) as client:
-        with media.video.open("rb") as handle:
-            files = {"file": (media.video.name, handle, "video/mp4")}
-            with client.stream("POST", f"{url}/v1/transcriptions", files=files) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(
-                        f"upload of {media.video.name} failed with HTTP {response.status_code}: "
-                        f"{response.read().decode(errors='replace')}"
-                    )
-                for event in read_events(response):
-                    elapsed = time.perf_counter() - started
-                    if event.name == "job" and run.job_seconds is None:
-                        run.job_seconds = elapsed
-                        run.job_id = event.data["job_id"]
-                    elif event.name == "segment":
-                        if run.first_segment_seconds is None:
-                            run.first_segment_seconds = elapsed
-                        run.segment_lengths.append(event.data["end"] - event.data["start"])
-                        if stop_at_first_segment:
-                            break
-                    elif event.name == "error":
-                        run.errors.append(event.data)
-                    elif event.name == "done":
-                        run.done = event.data
-                        break
-        run.total_seconds = time.perf_counter() - started
-        if stop_at_first_segment and run.job_id is not None and run.done is None:
-            _cancel_and_wait(client, url, run.job_id)
-    return run
-
-
-def _cancel_and_wait(client: httpx.Client, url: str, job_id: str) -> None:
-    client.post(f"{url}/v1/jobs/{job_id}/cancel").raise_for_status()
-    deadline = time.monotonic() + CANCEL_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        status = client.get(f"{url}/v1/jobs/{job_id}").json().get("status")
-        if status in ("cancelled", "completed", "failed"):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"job {job_id} did not stop within {CANCEL_TIMEOUT_SECONDS} s of its cancel request")
-
-
-class _RssSampler:
-    """Samples a process's resident memory (VmRSS) in a thread, every `interval` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _RssSampler:
-        self._started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                rss = resident_bytes(self.pid)
-            except (OSError, KeyError):
-                return
-            self.samples.append((round(time.perf_counter() - self._started, 2), rss))
-
-
-@contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block, so a child process started in it inherits them."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, workdir: Path,
                     args: argparse.Namespace) -> Measurement:
     """Start a fresh server, upload the video, read events until `done`, then stop it.
@@ -262,17 +133,7 @@ def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, w
     After the full run, `--first-segment-repeats` more uploads each stop at the first
     segment, to give the time to the first segment as a median rather than one sample.
     """
-    settings = {"model": "bundled", "device": "cpu", "compute_type": COMPUTE_TYPE,
-                "beam_size": str(BEAM_SIZE), **config.settings}
-    workdir.mkdir(parents=True, exist_ok=True)
-    batch_size = settings.pop(BATCHED_BACKEND_SETTING, None)
-    environment = {name[len(ENV_PREFIX):]: settings.pop(name) for name in list(settings)
-                   if name.startswith(ENV_PREFIX)}
-    with _environment(environment):
-        if batch_size is None:
-            server = start_server(workdir, **settings)
-        else:
-            server = start_batched_server(workdir, int(batch_size), **settings)
+    server = start_service(workdir, config)
     try:
         pid = server.process.pid
         ready_rss = peak_rss_bytes(pid)
@@ -280,8 +141,8 @@ def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, w
         cpu_before = cpu_seconds(pid)
         own_cpu_before = cpu_seconds()
         busy_before = machine_busy_seconds()
-        with _RssSampler(pid) as sampler:
-            run = _upload(server.url, media)
+        with RssSampler(pid) as sampler:
+            run = upload_video(server.url, media.video)
         if run.done is None:
             raise RuntimeError(f"the event stream for {media.video.name} ended without a done event")
         peak = peak_rss_bytes(pid)
@@ -291,7 +152,7 @@ def measure_service(media: SpeechMedia, minutes: float, config: ServiceConfig, w
         first_segment_times = [run.first_segment_seconds] if run.first_segment_seconds is not None else []
         for _ in range(args.first_segment_repeats):
             wait_for_idle_machine(args.idle_cores)
-            repeat = _upload(server.url, media, stop_at_first_segment=True)
+            repeat = upload_video(server.url, media.video, stop_at_first_segment=True)
             if repeat.first_segment_seconds is not None:
                 first_segment_times.append(repeat.first_segment_seconds)
     finally:
@@ -440,8 +301,8 @@ def target_checks(results: list[Measurement], service_labels: list[str]) -> list
     return lines
 
 
-def _check(label: str, fact: str, holds: bool, target: str) -> str:
-    return f"- {'**met**' if holds else '**missed**'} ({label}): {fact}; target {target}"
+def _check(label: str, fact: str, met: bool, target: str) -> str:
+    return f"- {'**met**' if met else '**missed**'} ({label}): {fact}; target {target}"
 
 
 def plot(results: list[Measurement], path: Path) -> None:
@@ -536,22 +397,6 @@ def _parse_lengths(text: str) -> list[float]:
     return values
 
 
-def _parse_service(text: str) -> ServiceConfig:
-    label, separator, spec = text.partition(":")
-    if not separator or not label or label in ("plain", "batched"):
-        raise argparse.ArgumentTypeError(
-            f"--service takes LABEL:NAME=VALUE,... with a label other than plain or batched, got {text!r}"
-        )
-    settings = {}
-    for item in filter(None, spec.split(",")):
-        name, equals, value = item.partition("=")
-        if not equals:
-            raise argparse.ArgumentTypeError(f"--service setting {item!r} is not NAME=VALUE")
-        name = name.strip()
-        settings[name if name.startswith(ENV_PREFIX) else name.lower()] = value.strip()
-    return ServiceConfig(label, settings)
-
-
 def _parse_methods(text: str) -> list[str]:
     methods = [part.strip() for part in text.split(",") if part.strip()]
     unknown = set(methods) - {"plain", "batched", "service"}
@@ -572,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-60", action="store_true", help="leave out the 60-minute video")
     parser.add_argument("--methods", type=_parse_methods, default=["plain", "batched", "service"],
                         help="which of plain, batched and service to run (default: all three)")
-    parser.add_argument("--service", dest="services", type=_parse_service, action="append",
+    parser.add_argument("--service", dest="services", type=parse_service, action="append",
                         metavar="LABEL:NAME=VALUE,...",
                         help="a service configuration: a label, then STREAMSCRIBE_* settings by "
                              "field name; repeat to compare several (default: service: with the "
@@ -656,7 +501,7 @@ def _least_disturbed(run: Callable[[], Measurement], args: argparse.Namespace) -
     """Run a measurement, and again while other work disturbed it; return the least disturbed attempt.
 
     The disturbance is other processes' CPU time divided by the wall time, that is the
-    cores they used on average; above `--max-other-cpu` the measurement is repeated, up
+    cores they used on average. Above `--max-other-cpu` the measurement is repeated, up
     to `--retries` times.
     """
     attempts = []

@@ -12,6 +12,10 @@ import jiwer
 
 from service.evaluation import normalize
 
+BEAM_SIZE = 5
+COMPUTE_TYPE = "int8"
+"""Decoding settings shared by every benchmark, so all methods decode alike."""
+
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Return the word error rate after `service.evaluation.normalize`, computed by jiwer.

@@ -49,7 +49,14 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from bench.make_media import SpeechMedia, build_media
-from bench.measure import machine_busy_seconds, usable_cores, wait_for_idle_machine, word_error_rate
+from bench.measure import (
+    BEAM_SIZE,
+    COMPUTE_TYPE,
+    machine_busy_seconds,
+    usable_cores,
+    wait_for_idle_machine,
+    word_error_rate,
+)
 from bench.report import markdown_table, write_docs_section
 from gpu_workers.segments import SAMPLE_RATE, SegmentInput, SegmentResult, TranscribeOptions
 from gpu_workers.transcriber import ModelConfig, SegmentTranscriber, resolve_model
@@ -57,8 +64,6 @@ from service.decoder import AudioDecoder, DecodeSummary, build_ffmpeg_args
 from service.media import probe
 from service.splitter import SplitConfig
 
-BEAM_SIZE = 5
-COMPUTE_TYPE = "int8"
 FIXED_CUT_SECONDS = 30.0
 WINDOW_FITTING_SPLIT = SplitConfig(segment_seconds=25.0, max_segment_seconds=30.0)
 """Pause cuts that never pass Whisper's 30 s window, so a segment is one encoder pass."""
