@@ -124,7 +124,7 @@ class SegmentTranscriber:
         language = options.language
         if language and not self.multilingual:
             # English-only models (".en") take no language token, so any other
-            # language request is answered in English rather than rejected.
+            # language request gets English text rather than an error.
             language = None
         temperature = (
             _FALLBACK_TEMPERATURES if options.temperature is None else options.temperature

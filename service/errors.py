@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """A failure the client should see: `message` says what went wrong and what to do."""
+    """A failure the client should see: `message` states what went wrong and what to do."""
 
     status_code = 400
     code = "invalid_request"

@@ -210,9 +210,8 @@ class JobManager:
             model=model_label(self.settings.model),
         ))
         job.task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
-        # The grace period runs until the first reader attaches, so a client that
-        # hangs up between the upload and the first event does not leave the job
-        # running for nobody.
+        # The grace period runs until the first reader attaches. So a job whose client
+        # hangs up between the upload and the first event is still cancelled.
         self._start_grace(job)
         logger.info("Job %s started: %r, %.1f s of audio", job.id, job.filename, job.duration or -1)
         return job

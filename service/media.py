@@ -141,6 +141,28 @@ def _explain_probe_failure(stderr: str, filename: str, path: Path) -> MediaError
     )
 
 
+async def _run_with_timeout(args: list[str], timeout: float) -> tuple[int, bytes, bytes] | None:
+    """Run `args` and return its exit status, stdout and stderr, or None after `timeout` seconds.
+
+    The process is killed and reaped on a timeout and on cancellation.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        return None
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode, stdout, stderr
+
+
 async def measure_duration(path: Path, stream_index: int, *, timeout: float,
                            ffmpeg: str = FFMPEG) -> float | None:
     """Return the length in seconds of stream `stream_index`, found by reading all its packets.
@@ -152,26 +174,16 @@ async def measure_duration(path: Path, stream_index: int, *, timeout: float,
     args = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path.resolve()),
             "-map", f"0:{stream_index}", "-c", "copy", "-f", "null",
             "-progress", "pipe:1", "-nostats", "-"]
-    process = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        stdout, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
+    outcome = await _run_with_timeout(args, timeout)
+    if outcome is None:
         logger.warning("ffmpeg timed out after %g s measuring the duration of %s", timeout, path)
         return None
-    except BaseException:
-        process.kill()
-        await process.wait()
-        raise
+    returncode, stdout, _ = outcome
     # -progress writes blocks of key=value lines, and the last out_time_us is the end.
     times = re.findall(rb"^out_time_us=(\d+)$", stdout, re.MULTILINE)
-    if process.returncode != 0 or not times:
+    if returncode != 0 or not times:
         logger.warning("ffmpeg could not measure the duration of %s (exit status %d)",
-                       path, process.returncode)
+                       path, returncode)
         return None
     return int(times[-1]) / 1_000_000
 
@@ -191,25 +203,15 @@ async def probe(path: Path, filename: str, *, timeout: float, ffprobe: str = FFP
     # An absolute path never starts with "-", so no file name can be read as an option.
     args = [ffprobe, "-v", "error", "-show_format", "-show_streams", "-of", "json",
             "-probesize", "50M", "-analyzeduration", "20M", str(path.resolve())]
-    process = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
+    outcome = await _run_with_timeout(args, timeout)
+    if outcome is None:
         raise MediaError(
             f"probing {filename!r} took longer than {timeout:g} s; the file is probably damaged",
             code="probe_timeout",
-        ) from None
-    except BaseException:
-        process.kill()
-        await process.wait()
-        raise
+        )
+    returncode, stdout, stderr = outcome
     message = stderr.decode("utf-8", "replace")
-    if process.returncode != 0:
+    if returncode != 0:
         logger.info("ffprobe rejected %r: %s", filename, message.strip()[-300:])
         raise _explain_probe_failure(message, filename, path)
     try:

@@ -145,7 +145,7 @@ class PauseSplitter:
         ]
         past_target = any((start + end) // 2 >= target for start, end in candidates)
         if candidates and (past_target or available >= maximum):
-            # Nearness to the target costs one point per second; each second of pause
+            # Each second away from the target costs one point and each second of pause
             # earns two, so a clear sentence break beats a breath a little nearer.
             def score(pause: tuple[int, int]) -> float:
                 start, end = pause

@@ -54,7 +54,7 @@ def display_name(raw: str | None) -> str:
 
 
 def _stored_suffix(name: str) -> str:
-    # ffmpeg identifies media by content; a short alphanumeric extension is kept only
+    # ffmpeg identifies media by content. A short alphanumeric extension is kept only
     # as a hint for raw formats, and nothing else from the client's name reaches disk.
     suffix = Path(name).suffix.lower()
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
