@@ -17,11 +17,10 @@ time: the server loads its model before /readyz returns 200.
     nice -n 10 python -m bench.compare --lengths 1,10,60
     nice -n 10 python -m bench.compare --lengths 10 --methods service \\
         --service default: --service w1t2:workers=1,threads_per_worker=2 \\
-        --service batch2:bench_batch_size=2,segment_seconds=25,max_segment_seconds=30
+        --service batch1:batch_size=1
 
 `--service` takes the settings described in `bench.service_runner`: `STREAMSCRIBE_*`
-fields by name, `bench_batch_size=N` for the experimental `bench.batched_backend`, and
-`env.NAME=VALUE` for the server's environment.
+fields by name, and `env.NAME=VALUE` for the server's environment.
 
 Results go to bench/.cache/results as JSON after every measurement, and the report to
 the "compare" section of docs/benchmarks.md with a plot in docs/benchmarks.png.

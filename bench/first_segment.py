@@ -8,7 +8,7 @@ the video's length, so it can check how the first segment's latency grows with
 length without transcribing an hour of audio.
 
     nice -n 10 python -m bench.first_segment --lengths 1,10,60 --uploads 7 \\
-        --service default: --service batch2:bench_batch_size=2,segment_seconds=25,max_segment_seconds=30
+        --service default: --service batch1:batch_size=1
 """
 
 from __future__ import annotations

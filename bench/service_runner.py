@@ -1,9 +1,7 @@
 """Run the service as a benchmark subject: start it, upload a video, follow its events.
 
-A `ServiceConfig` names a server: the `STREAMSCRIBE_*` settings by field name, plus two
-kinds of setting that only benchmarks use. `bench_batch_size=N` starts
-`bench.batched_backend` with N segments per model call in place of the service's own
-backend, and `env.NAME=VALUE` sets the server's environment variable NAME (for example
+A `ServiceConfig` names a server: the `STREAMSCRIBE_*` settings by field name, plus
+`env.NAME=VALUE`, which sets the server's environment variable NAME (for example
 `env.MALLOC_ARENA_MAX=2`).
 """
 
@@ -20,12 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.batched_backend import start_batched_server
 from bench.measure import BEAM_SIZE, COMPUTE_TYPE, resident_bytes
 from tests.helpers import ServerProcess, read_events, start_server
-
-BATCHED_BACKEND_SETTING = "bench_batch_size"
-"""A --service setting that runs `bench.batched_backend` with this many segments per call."""
 
 ENV_PREFIX = "env."
 """A --service setting named env.NAME sets the server's environment variable NAME as is."""
@@ -68,13 +62,10 @@ def start_service(workdir: Path, config: ServiceConfig) -> ServerProcess:
     """Start a server for `config` in a child process and wait until it is ready."""
     settings = {**BENCHMARK_SETTINGS, **config.settings}
     workdir.mkdir(parents=True, exist_ok=True)
-    batch_size = settings.pop(BATCHED_BACKEND_SETTING, None)
     variables = {name[len(ENV_PREFIX):]: settings.pop(name) for name in list(settings)
                  if name.startswith(ENV_PREFIX)}
     with environment_variables(variables):
-        if batch_size is None:
-            return start_server(workdir, **settings)
-        return start_batched_server(workdir, int(batch_size), **settings)
+        return start_server(workdir, **settings)
 
 
 @dataclass

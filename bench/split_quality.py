@@ -4,26 +4,20 @@ On the 10-minute speech video of `bench.make_media`, with tiny.en, int8 and beam
 
   whole file         `WhisperModel.transcribe` on the file, `cpu_threads` = usable cores
   fixed 30 s cuts    cuts every 30 s regardless of speech, each transcribed as the
-                     service's workers do (`SegmentTranscriber`: vad_filter, no
-                     conditioning on previous text), on `--workers` threads of one
-                     CTranslate2 thread each, sharing one model
+                     service's workers do (`SegmentTranscriber`, one segment per call),
+                     on `--workers` threads of one CTranslate2 thread each, sharing one
+                     model
   pause cuts         the service's own `AudioDecoder` and `PauseSplitter` with its
                      default settings, then the same workers as the fixed cuts
 
-`--experiments` adds rows for changes that need code in the service:
+`--experiments` adds rows that take the service's choices back one at a time:
 
-  no second VAD      pause cuts with `vad_filter=False` in the worker: the splitter
-                     has already run Silero VAD and trimmed the silence
-  cuts <= 30 s       pause cuts with segment_seconds=25, max_segment_seconds=30, so
-                     each segment fits one 30 s Whisper window (a settings change)
-  batched, N per call  pause cuts <= 30 s, N segments decoded in one
-                     `BatchedInferencePipeline` call, on the same workers
-  batched in segment pause cuts with default settings, each segment transcribed by
-                     `BatchedInferencePipeline` (VAD chunks of <= 30 s, batched)
-
-The batched rows keep the pipeline's default `without_timestamps=True`, so each
-segment comes back as one cue. With `without_timestamps=False` the pipeline dropped
-whole sentences here (19.7 % against 5.7 % WER on the 1-minute video).
+  sequential         pause cuts, each segment through `WhisperModel.transcribe` (timestamp
+                     tokens, a second VAD pass) instead of one window decode
+  earlier cuts       pause cuts near 25 s at pauses of 0.3 s or more, the settings before
+                     segments were cut to fill Whisper's window
+  N per call         pause cuts, N segments per `transcribe_batch` call, as the local
+                     pool sends them once the first result is out
 
 Times for the cut rows are split in two: decoding plus cutting (ffmpeg, and for pause
 cuts the VAD and splitter), then transcription. The service overlaps the two.
@@ -43,10 +37,10 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
-from faster_whisper import BatchedInferencePipeline, WhisperModel
+from faster_whisper import WhisperModel
 
 from bench.make_media import SpeechMedia, build_media
 from bench.measure import (
@@ -65,8 +59,8 @@ from service.media import probe
 from service.splitter import SplitConfig
 
 FIXED_CUT_SECONDS = 30.0
-WINDOW_FITTING_SPLIT = SplitConfig(segment_seconds=25.0, max_segment_seconds=30.0)
-"""Pause cuts that never pass Whisper's 30 s window, so a segment is one encoder pass."""
+EARLIER_SPLIT = SplitConfig(segment_seconds=25.0, max_segment_seconds=30.0, min_pause_seconds=0.3)
+"""Pause cuts as the service made them before it cut to fill Whisper's window."""
 
 
 @dataclass
@@ -130,58 +124,16 @@ def pause_cuts(media: SpeechMedia, split: SplitConfig, options: TranscribeOption
 
 # ---------------------------------------------------------------- transcribing
 
-def transcribe_in_pool(segments: Sequence[SegmentInput], transcriber: SegmentTranscriber,
-                       workers: int) -> str:
-    """Transcribe segments on `workers` threads as the local backend does; return the text."""
+def transcribe_in_pool(segments: Sequence[SegmentInput], transcribe: Callable[[list[SegmentInput]], list[SegmentResult]],
+                       workers: int, per_call: int = 1) -> str:
+    """Send `per_call` segments per call to `transcribe`, on `workers` threads; return the text."""
+    groups = [list(segments[start:start + per_call]) for start in range(0, len(segments), per_call)]
     with ThreadPoolExecutor(workers) as pool:
-        results: list[SegmentResult] = list(pool.map(transcriber.transcribe, segments))
+        results = [result for group in pool.map(transcribe, groups) for result in group]
     failed = [result for result in results if result.failed]
     if failed:
         raise RuntimeError(f"{len(failed)} segments failed, the first with: {failed[0].error}")
     return " ".join(result.text for result in sorted(results, key=lambda r: r.start) if result.text)
-
-
-def transcribe_batched_across(segments: Sequence[SegmentInput], model: WhisperModel, workers: int,
-                              per_call: int) -> str:
-    """Decode `per_call` segments per `BatchedInferencePipeline` call, calls spread over `workers` threads.
-
-    The segments of one call are laid end to end and passed as `clip_timestamps`, so
-    each becomes one chunk of the batch. A chunk longer than 30 s would be truncated.
-    The pipeline's defaults apply: no timestamp tokens (one cue per segment), one
-    temperature with no fallback, and no VAD since the clips are given.
-    """
-    longest = max(segment.duration for segment in segments)
-    if longest > 30.0:
-        raise ValueError(f"batched decoding takes segments of at most 30 s, got one of {longest:.1f} s")
-    groups = [segments[start:start + per_call] for start in range(0, len(segments), per_call)]
-
-    def run(group: Sequence[SegmentInput]) -> list[str]:
-        audio = np.concatenate([segment.samples() for segment in group])
-        clips, position = [], 0.0
-        for segment in group:
-            clips.append({"start": position, "end": position + segment.duration})
-            position += segment.duration
-        pipeline = BatchedInferencePipeline(model)
-        pieces, _ = pipeline.transcribe(audio, beam_size=BEAM_SIZE, batch_size=per_call,
-                                        clip_timestamps=clips)
-        return [piece.text.strip() for piece in pieces]
-
-    with ThreadPoolExecutor(workers) as pool:
-        texts = [text for group_texts in pool.map(run, groups) for text in group_texts]
-    return " ".join(text for text in texts if text)
-
-
-def transcribe_batched_within(segments: Sequence[SegmentInput], model: WhisperModel, workers: int,
-                              batch_size: int) -> str:
-    """Transcribe each segment with `BatchedInferencePipeline`, segments spread over `workers` threads."""
-
-    def run(segment: SegmentInput) -> str:
-        pipeline = BatchedInferencePipeline(model)
-        pieces, _ = pipeline.transcribe(segment.samples(), beam_size=BEAM_SIZE, batch_size=batch_size)
-        return " ".join(piece.text.strip() for piece in pieces)
-
-    with ThreadPoolExecutor(workers) as pool:
-        return " ".join(text for text in pool.map(run, segments) if text)
 
 
 # ---------------------------------------------------------------- rows
@@ -236,8 +188,14 @@ def run_rows(media: SpeechMedia, args: argparse.Namespace) -> list[Row]:
         pieces, _ = plain_model.transcribe(str(media.video), beam_size=BEAM_SIZE)
         return " ".join(piece.text.strip() for piece in pieces)
 
-    def pooled(segments: list[SegmentInput]) -> str:
-        return transcribe_in_pool(segments, transcriber, args.workers)
+    def pooled(segments: list[SegmentInput], per_call: int = 1) -> str:
+        return transcribe_in_pool(segments, transcriber.transcribe_batch, args.workers, per_call)
+
+    def sequential(segments: list[SegmentInput]) -> str:
+        def run(group: list[SegmentInput]) -> list[SegmentResult]:
+            return [transcriber.transcribe_sequentially(segment) for segment in group]
+
+        return transcribe_in_pool(segments, run, args.workers)
 
     rows = [
         measure(f"whole file, {cores} threads", reference, None, whole_file, args.idle_cores),
@@ -249,28 +207,19 @@ def run_rows(media: SpeechMedia, args: argparse.Namespace) -> list[Row]:
     if not args.experiments:
         return rows
 
-    no_vad = replace(options, vad_filter=False)
     rows += [
-        measure(f"pause cuts, no second VAD, {pool_label}", reference,
-                lambda: pause_cuts(media, SplitConfig(), no_vad), pooled, args.idle_cores),
-        measure(f"pause cuts <= 30 s, {pool_label}", reference,
-                lambda: pause_cuts(media, WINDOW_FITTING_SPLIT, options), pooled, args.idle_cores),
-        measure(f"pause cuts <= 30 s, no second VAD, {pool_label}", reference,
-                lambda: pause_cuts(media, WINDOW_FITTING_SPLIT, no_vad), pooled, args.idle_cores),
+        measure(f"pause cuts, sequential `transcribe` per segment, {pool_label}", reference,
+                lambda: pause_cuts(media, SplitConfig(), options), sequential, args.idle_cores),
+        measure(f"earlier cuts (25 s, pauses >= 0.3 s), {pool_label}", reference,
+                lambda: pause_cuts(media, EARLIER_SPLIT, options), pooled, args.idle_cores),
     ]
     for per_call in args.batch_sizes:
         rows.append(measure(
-            f"pause cuts <= 30 s, batched {per_call} per call, {pool_label}", reference,
-            lambda: pause_cuts(media, WINDOW_FITTING_SPLIT, options),
-            lambda segments, n=per_call: transcribe_batched_across(segments, transcriber.model, args.workers, n),
+            f"pause cuts, {per_call} per call, {pool_label}", reference,
+            lambda: pause_cuts(media, SplitConfig(), options),
+            lambda segments, n=per_call: pooled(segments, n),
             args.idle_cores,
         ))
-    rows.append(measure(
-        f"pause cuts, batched within each segment, {pool_label}", reference,
-        lambda: pause_cuts(media, SplitConfig(), options),
-        lambda segments: transcribe_batched_within(segments, transcriber.model, args.workers, 8),
-        args.idle_cores,
-    ))
     return rows
 
 
@@ -294,7 +243,8 @@ def render(rows: list[Row], media: SpeechMedia, command: str) -> str:
         "",
         f"Recording: `{media.video.name}`, {media.duration / 60:.1f} min, {media.words} words. "
         f"Model: tiny.en, {COMPUTE_TYPE}, beam size {BEAM_SIZE}, in one process. The cut rows "
-        "transcribe with the service's `SegmentTranscriber` unless the name says otherwise. "
+        "transcribe with the service's `SegmentTranscriber`, one segment per call unless the "
+        "name says otherwise. "
         "`cut` is decoding plus cutting, done before transcription here but overlapped with "
         "it in the service. `CPU` is this process's CPU time, ffmpeg included; `other CPU` "
         "is CPU time that other processes used meanwhile, and rows with much of it are slowed.",
@@ -323,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CTranslate2 threads per worker (default: 1, as the service on 2 cores)")
     parser.add_argument("--experiments", action="store_true",
                         help="add the rows for changes that need code in the service")
-    parser.add_argument("--batch-sizes", type=_parse_sizes, default=[1, 2, 4],
-                        help="segments per call for the batched experiment rows (default: 1,2,4)")
+    parser.add_argument("--batch-sizes", type=_parse_sizes, default=[2, 3],
+                        help="segments per call for the batched experiment rows (default: 2,3)")
     parser.add_argument("--idle-cores", type=float, default=0.3,
                         help="before each row, wait until other processes use fewer cores than "
                              "this, up to 15 minutes (default: 0.3; 0 disables the wait)")

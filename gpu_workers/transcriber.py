@@ -1,7 +1,12 @@
-"""Transcribe one segment with faster-whisper.
+"""Transcribe segments with faster-whisper.
 
 Plain faster-whisper code with no web or Modal dependency: the local pool and the
-Modal GPU class both call `SegmentTranscriber.transcribe`.
+Modal GPU class both call `SegmentTranscriber.transcribe` or `transcribe_batch`.
+
+A segment that fits one 30 s window is decoded by `gpu_workers.window` (text tokens
+only, word times from alignment, several segments per model call). A longer segment, a
+request for a set temperature, and a window decode that fails faster-whisper's quality
+checks go through `WhisperModel.transcribe` with its temperature fallback.
 """
 
 from __future__ import annotations
@@ -9,12 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from faster_whisper import WhisperModel
+from faster_whisper.transcribe import get_compression_ratio
 
+from gpu_workers.cues import cue_text, group_words
 from gpu_workers.segments import Cue, SegmentInput, SegmentResult, Word
+from gpu_workers.window import WindowDecode, WindowDecoder, fits_one_window
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +101,7 @@ class SegmentTranscriber:
             config.resolved_compute_type(),
             time.perf_counter() - started,
         )
+        self.window = WindowDecoder(self.model)
 
     @property
     def multilingual(self) -> bool:
@@ -99,18 +109,54 @@ class SegmentTranscriber:
 
     def transcribe(self, segment: SegmentInput) -> SegmentResult:
         """Transcribe one segment; a failure comes back as a result with `error` set."""
+        return self.transcribe_batch([segment])[0]
+
+    def transcribe_batch(self, segments: Sequence[SegmentInput]) -> list[SegmentResult]:
+        """Transcribe segments together where they allow it; one result per segment, in order.
+
+        Segments that fit one window and share their options are decoded in one model
+        call. A failure comes back as results with `error` set, never as an exception.
+        """
+        results: dict[int, SegmentResult] = {}
+        waiting = [segment for segment in segments if fits_one_window(segment)]
+        while waiting:
+            options = waiting[0].options
+            batch = [segment for segment in waiting if segment.options == options]
+            waiting = [segment for segment in waiting if segment.options != options]
+            results.update(self._decode_windows(batch))
+        for segment in segments:
+            if id(segment) not in results:
+                results[id(segment)] = self.transcribe_sequentially(segment)
+        return [results[id(segment)] for segment in segments]
+
+    def _decode_windows(self, batch: list[SegmentInput]) -> dict[int, SegmentResult]:
+        """Decode a batch in one window each; leave out segments that need the fallback."""
+        started = time.perf_counter()
+        try:
+            decodes = self.window.decode(batch)
+        except Exception as error:  # noqa: BLE001 - reported per segment, the job goes on
+            return {id(segment): self._failure(segment, error, started) for segment in batch}
+        seconds = (time.perf_counter() - started) / len(batch)
+        results = {}
+        for segment, decode in zip(batch, decodes):
+            if decode.needs_fallback:
+                logger.debug("Segment %d failed the quality checks at temperature 0; "
+                             "decoding it again with fallback", segment.index)
+                continue
+            results[id(segment)] = self._window_result(segment, decode, seconds)
+        return results
+
+    def transcribe_sequentially(self, segment: SegmentInput) -> SegmentResult:
+        """Transcribe one segment with `WhisperModel.transcribe` and its temperature fallback.
+
+        This is the path for segments longer than a window; `transcribe` picks it by
+        itself, and benchmarks call it to compare the two paths.
+        """
         started = time.perf_counter()
         try:
             result = self._transcribe(segment)
         except Exception as error:  # noqa: BLE001 - reported per segment, the job goes on
-            logger.warning("Segment %d failed: %s", segment.index, error, exc_info=True)
-            return SegmentResult(
-                index=segment.index,
-                start=segment.offset,
-                end=segment.end,
-                error=f"{type(error).__name__}: {error}",
-                worker_seconds=time.perf_counter() - started,
-            )
+            return self._failure(segment, error, started)
         logger.debug(
             "Segment %d (%.1f s of audio) took %.2f s",
             segment.index,
@@ -118,6 +164,63 @@ class SegmentTranscriber:
             time.perf_counter() - started,
         )
         return result
+
+    @staticmethod
+    def _failure(segment: SegmentInput, error: Exception, started: float) -> SegmentResult:
+        logger.warning("Segment %d failed: %s", segment.index, error, exc_info=True)
+        return SegmentResult(
+            index=segment.index,
+            start=segment.offset,
+            end=segment.end,
+            error=f"{type(error).__name__}: {error}",
+            worker_seconds=time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _window_result(segment: SegmentInput, decode: WindowDecode, seconds: float) -> SegmentResult:
+        """Turn a window decode into cues on the file's timeline."""
+        offset, end = segment.offset, segment.end
+
+        def place(time: float) -> float:
+            return round(min(max(offset + time, offset), end), 3)
+
+        cues = []
+        if decode.text and not decode.words:
+            # The alignment found no words to time; the text still counts, as one cue.
+            groups = [()]
+        else:
+            groups = group_words(decode.words)
+        for group in groups:
+            text = cue_text(group) if group else decode.text
+            if not text:
+                continue
+            start = place(group[0].start) if group else round(offset, 3)
+            stop = place(group[-1].end) if group else round(end, 3)
+            words = tuple(
+                Word(start=place(word.start), end=place(word.end), word=word.word,
+                     probability=round(word.probability, 4))
+                for word in group
+            ) if segment.options.word_timestamps else ()
+            cues.append(Cue(
+                start=start,
+                end=max(start, stop),
+                text=text,
+                avg_logprob=round(decode.avg_logprob, 4),
+                compression_ratio=round(get_compression_ratio(text), 4),
+                no_speech_prob=round(decode.no_speech_prob, 4),
+                words=words,
+            ))
+        logger.debug("Segment %d (%.1f s of audio) took %.2f s in one window",
+                     segment.index, segment.duration, seconds)
+        return SegmentResult(
+            index=segment.index,
+            start=round(offset, 3),
+            end=round(end, 3),
+            text=" ".join(cue.text for cue in cues),
+            language=decode.language,
+            cues=tuple(cues),
+            worker_seconds=seconds,
+        )
 
     def _transcribe(self, segment: SegmentInput) -> SegmentResult:
         options = segment.options

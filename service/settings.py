@@ -34,13 +34,16 @@ class Settings:
     compute_type: str = "auto"
     workers: int = field(default_factory=_default_workers)
     threads_per_worker: int = 1
+    # Segments a local worker decodes in one model call once the first result is out.
+    batch_size: int = 2
     beam_size: int = 5
 
-    # Splitting, in seconds of audio.
+    # Splitting, in seconds of audio. Each piece of up to 30 s is one Whisper window, which
+    # costs the same however little audio it holds, so pieces are cut near 28 s.
     first_segment_seconds: float = 8.0
-    segment_seconds: float = 30.0
-    max_segment_seconds: float = 45.0
-    min_pause_seconds: float = 0.3
+    segment_seconds: float = 28.0
+    max_segment_seconds: float = 30.0
+    min_pause_seconds: float = 0.2
 
     # The ffmpeg and ffprobe programs: a name looked up on PATH, or a path.
     ffmpeg: str = field(default_factory=lambda: shutil.which("ffmpeg") or "ffmpeg")

@@ -58,9 +58,9 @@ class Piece:
 @dataclass(frozen=True)
 class SplitConfig:
     first_segment_seconds: float = 8.0
-    segment_seconds: float = 30.0
-    max_segment_seconds: float = 45.0
-    min_pause_seconds: float = 0.3
+    segment_seconds: float = 28.0
+    max_segment_seconds: float = 30.0
+    min_pause_seconds: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0 < self.first_segment_seconds <= self.max_segment_seconds:

@@ -204,6 +204,10 @@ class FaultInjectingTranscriber:
         assert self.real is not None
         return self.real.transcribe(segment)
 
+    def transcribe_batch(self, segments: list[SegmentInput]) -> list[SegmentResult]:
+        """Transcribe each segment in turn, so a raising segment fails the whole call."""
+        return [self.transcribe(segment) for segment in segments]
+
     def call_count(self) -> int:
         with self._lock:
             return len(self.calls)

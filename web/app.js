@@ -16,6 +16,9 @@ const MANUAL_SCROLL_PAUSE_MS = 4000;
 const ANNOUNCER_MAX_ITEMS = 5;
 const API_KEY_STORAGE = "streamscribe.apiKey";
 const COPY_CONFIRMATION_MS = 2000;
+// Lines end with their last word, so short pauses fall between lines. The line just
+// spoken stays highlighted through a pause this long, until the next line starts.
+const LINE_HOLD_SECONDS = 3;
 
 const ACTIVE_PHASES = new Set(["uploading", "checking", "transcribing", "reconnecting", "disconnected", "cancelling"]);
 
@@ -794,7 +797,7 @@ function findLineAt(run, time) {
     else high = middle;
   }
   const candidate = run.lines[low - 1];
-  return candidate && time < candidate.end ? candidate : null;
+  return candidate && time < candidate.end + LINE_HOLD_SECONDS ? candidate : null;
 }
 
 function updateActiveLine(run) {
