@@ -211,12 +211,13 @@ def results_table(results: list[Measurement]) -> str:
             f"{result.cpu_seconds:.1f}",
             result.segments,
             f"{result.other_cpu_seconds:.1f}",
+            " ".join(f"{total:.1f}" for total in result.details.get("round_totals", [result.total_seconds])),
         ]
         for result in results
     ]
     return markdown_table(
         ["video (min)", "method", "total (s)", "first segment (s)", "WER (%)",
-         "peak RSS (MB)", "CPU (s)", "segments", "other CPU (s)"],
+         "peak RSS (MB)", "CPU (s)", "segments", "other CPU (s)", "every run (s)"],
         rows,
     )
 
@@ -367,7 +368,8 @@ def render_report(results: list[Measurement], service_labels: list[str], command
         "with much of it are suspect. Each measurement waits first until the machine is "
         "nearly idle and is repeated, up to `--retries` times, while other processes "
         "used more than `--max-other-cpu` cores on average; the least disturbed attempt "
-        "is shown.",
+        "counts. With `--rounds N` every method runs N times, in turn, and each row shows "
+        "the run with the median total time; `every run` lists all of them.",
         "",
         results_table(results),
         "",
@@ -431,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-segment-repeats", type=int, default=0,
                         help="extra uploads per service measurement that stop at the first "
                              "segment; the table then shows the median time (default: 0)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every method per video, in turn; each row shows the run "
+                             "with the median total time (default: 1)")
     parser.add_argument("--retries", type=int, default=2,
                         help="extra attempts for a measurement that other work disturbed (default: 2)")
     parser.add_argument("--max-other-cpu", type=float, default=0.15,
@@ -441,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-results", type=Path, metavar="JSON",
                         help="rebuild the report from a results file instead of measuring")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     if args.from_results:
         results, service_labels, command = _load_results(args.from_results)
@@ -473,27 +480,42 @@ def _measure(args: argparse.Namespace, command: str) -> tuple[list[Measurement],
     results_file = RESULTS_DIR / f"compare-{stamp}.json"
     results: list[Measurement] = []
 
-    def save() -> None:
+    def save(pending: list[Measurement] = ()) -> None:
         record = {"command": command, "service_labels": service_labels,
-                  "results": [asdict(result) for result in results]}
+                  "results": [asdict(result) for result in [*results, *pending]]}
         results_file.write_text(json.dumps(record, indent=1) + "\n", "utf-8")
 
     for minutes in lengths:
         media = build_media(minutes)
         print(f"{minutes:g} min: {media.video.name}, {media.duration:.1f} s, {media.words} words",
               file=sys.stderr)
-        for mode in ("plain", "batched"):
-            if mode in args.methods:
-                results.append(_least_disturbed(
-                    lambda: measure_whole_file(media, minutes, mode, args), args))
-                save()
-        if "service" in args.methods:
-            for config in services:
-                workdir = RUNS_DIR / stamp / f"{config.label}-{minutes:g}min"
-                results.append(_least_disturbed(
-                    lambda: measure_service(media, minutes, config, workdir, args), args))
-                save()
+        runs: dict[str, list[Measurement]] = {}
+        # Every round measures each method once, so slow drift in the machine's speed
+        # reaches all methods alike; each row then shows the run with the median time.
+        for round_index in range(args.rounds):
+            if args.rounds > 1:
+                print(f" round {round_index + 1} of {args.rounds}", file=sys.stderr)
+            for mode in ("plain", "batched"):
+                if mode in args.methods:
+                    runs.setdefault(mode, []).append(_least_disturbed(
+                        lambda: measure_whole_file(media, minutes, mode, args), args))
+            if "service" in args.methods:
+                for config in services:
+                    workdir = RUNS_DIR / stamp / f"{config.label}-{minutes:g}min-{round_index + 1}"
+                    runs.setdefault(config.label, []).append(_least_disturbed(
+                        lambda: measure_service(media, minutes, config, workdir, args), args))
+            save([_median_run(measurements) for measurements in runs.values()])
+        results.extend(_median_run(measurements) for measurements in runs.values())
+        save()
     return results, service_labels, results_file
+
+
+def _median_run(measurements: list[Measurement]) -> Measurement:
+    """Return the run with the median total time, recording every run's total in its details."""
+    ordered = sorted(measurements, key=lambda result: result.total_seconds)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.details["round_totals"] = [result.total_seconds for result in measurements]
+    return chosen
 
 
 def _least_disturbed(run: Callable[[], Measurement], args: argparse.Namespace) -> Measurement:
