@@ -3,7 +3,7 @@
 On the 10-minute speech video of `bench.make_media`, with tiny.en, int8 and beam size 5:
 
   whole file         `WhisperModel.transcribe` on the file, `cpu_threads` = usable cores
-  fixed 30 s cuts    cuts every 30 s regardless of speech, each transcribed as the
+  fixed cuts         cuts every 29.5 s regardless of speech, each transcribed as the
                      service's workers do (`SegmentTranscriber`, one segment per call),
                      on `--workers` threads of one CTranslate2 thread each, sharing one
                      model
@@ -58,8 +58,8 @@ from service.decoder import AudioDecoder, DecodeSummary, build_ffmpeg_args
 from service.media import probe
 from service.splitter import SplitConfig
 
-FIXED_CUT_SECONDS = 30.0
-EARLIER_SPLIT = SplitConfig(segment_seconds=25.0, max_segment_seconds=30.0, min_pause_seconds=0.3)
+FIXED_CUT_SECONDS = 29.5
+EARLIER_SPLIT = SplitConfig(segment_seconds=25.0, max_segment_seconds=29.5, min_pause_seconds=0.3)
 """Pause cuts as the service made them before it cut to fill Whisper's window."""
 
 

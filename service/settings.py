@@ -38,11 +38,11 @@ class Settings:
     batch_size: int = 2
     beam_size: int = 5
 
-    # Splitting, in seconds of audio. Each piece of up to 30 s is one Whisper window, which
-    # costs the same however little audio it holds, so pieces are cut near 28 s.
+    # Splitting, in seconds of audio. Each piece of up to 29.5 s is one Whisper window,
+    # which costs the same however little audio it holds, so pieces are cut near 27 s.
     first_segment_seconds: float = 8.0
-    segment_seconds: float = 28.0
-    max_segment_seconds: float = 30.0
+    segment_seconds: float = 27.0
+    max_segment_seconds: float = 29.5
     min_pause_seconds: float = 0.2
 
     # The ffmpeg and ffprobe programs: a name looked up on PATH, or a path.

@@ -58,8 +58,8 @@ class Piece:
 @dataclass(frozen=True)
 class SplitConfig:
     first_segment_seconds: float = 8.0
-    segment_seconds: float = 28.0
-    max_segment_seconds: float = 30.0
+    segment_seconds: float = 27.0
+    max_segment_seconds: float = 29.5
     min_pause_seconds: float = 0.2
 
     def __post_init__(self) -> None:

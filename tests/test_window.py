@@ -121,9 +121,11 @@ def test_long_or_warm_segments_go_sequential(transcriber, demo_pcm, monkeypatch)
     monkeypatch.setattr(transcriber, "transcribe_sequentially", sequential)
     long_segment = piece(demo_pcm, 0.0, 40.0, index=0)
     warm = piece(demo_pcm, 0.0, 10.0, index=1, temperature=0.4)
-    results = transcriber.transcribe_batch([long_segment, warm])
+    # Speech up to the window's very end loses sentences in a window decode.
+    full_window = piece(demo_pcm, 20.0, 50.0, index=2)
+    results = transcriber.transcribe_batch([long_segment, warm, full_window])
     assert decode.calls == []
-    assert [segment.index for segment in sequential.calls] == [0, 1]
+    assert [segment.index for segment in sequential.calls] == [0, 1, 2]
     assert all(result.text for result in results)
     assert not any(result.failed for result in results)
 
