@@ -68,8 +68,9 @@ INPUTS_PER_CONTAINER = _env_int("STREAMSCRIBE_MODAL_INPUTS_PER_CONTAINER", 4)
 # job, short enough that a burst of containers stops billing soon after the burst.
 SCALEDOWN_WINDOW = _env_int("STREAMSCRIBE_MODAL_SCALEDOWN_WINDOW", 60)
 
-# One call is one segment of at most 45 s of audio. It takes seconds on a GPU, but
-# faster-whisper may decode a window up to six times at rising temperatures.
+# One call is one segment of at most 29.5 s of audio by default. It takes seconds on a
+# GPU, but a segment that fails the quality checks is decoded again at up to six
+# temperatures.
 SEGMENT_TIMEOUT = 300
 
 # The first container downloads about 1.6 GB of weights into the Volume.
