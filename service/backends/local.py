@@ -147,7 +147,8 @@ def _results(future: asyncio.Future[list[SegmentResult]], group: list[SegmentInp
     try:
         return future.result()
     except Exception as error:  # noqa: BLE001 - reported per segment, the job goes on
-        logger.warning("A call of %d segments failed: %s", len(group), error, exc_info=True)
+        indices = ", ".join(str(segment.index) for segment in group)
+        logger.warning("A call with segments %s failed: %s", indices, error, exc_info=True)
         return [
             SegmentResult(index=segment.index, start=segment.offset, end=segment.end,
                           error=f"{type(error).__name__}: {error}")
