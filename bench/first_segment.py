@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.make_media import build_media
 from bench.measure import wait_for_idle_machine
 from bench.report import markdown_table
-from bench.service_runner import ServiceConfig, parse_service, start_service, upload_video
+from bench.service_runner import ServiceConfig, add_service_options, start_service, upload_video
 
 
 def first_segment_times(video: Path, config: ServiceConfig, uploads: int, idle_cores: float) -> list[float]:
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="1,10,60",
                         help="video lengths in minutes, separated by commas (default: 1,10,60)")
     parser.add_argument("--uploads", type=int, default=7, help="uploads per length and configuration (default: 7)")
-    parser.add_argument("--service", dest="services", type=parse_service, action="append",
-                        metavar="LABEL:NAME=VALUE,...",
-                        help="a service configuration, as in bench.compare (default: the server's defaults)")
-    parser.add_argument("--idle-cores", type=float, default=0.3,
-                        help="before each upload, wait until other processes use fewer cores than "
-                             "this, up to 15 minutes (default: 0.3; 0 disables the wait)")
+    add_service_options(parser, before_each="upload")
     args = parser.parse_args(argv)
     try:
         lengths = [float(part) for part in args.lengths.split(",") if part.strip()]

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.make_media import build_media
 from bench.measure import peak_rss_bytes, resident_bytes, wait_for_idle_machine
 from bench.report import markdown_table
-from bench.service_runner import ServiceConfig, parse_service, start_service, upload_video
+from bench.service_runner import ServiceConfig, add_service_options, start_service, upload_video
 
 SETTLE_SECONDS = 1.0
 """Wait after a job's `done` event before reading memory, so the job's cleanup has run."""
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0,
                         help="length of the speech video from bench.make_media (default: 10)")
     parser.add_argument("--jobs", type=int, default=3, help="jobs in a row on each server (default: 3)")
-    parser.add_argument("--service", dest="services", type=parse_service, action="append",
-                        metavar="LABEL:NAME=VALUE,...",
-                        help="a service configuration, as in bench.compare (default: the server's defaults)")
-    parser.add_argument("--idle-cores", type=float, default=0.3,
-                        help="before each job, wait until other processes use fewer cores than "
-                             "this, up to 15 minutes (default: 0.3; 0 disables the wait)")
+    add_service_options(parser, before_each="job")
     args = parser.parse_args(argv)
     media = build_media(args.minutes)
     rows = []

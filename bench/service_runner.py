@@ -58,6 +58,16 @@ def parse_service(text: str) -> ServiceConfig:
     return ServiceConfig(label, settings)
 
 
+def add_service_options(parser: argparse.ArgumentParser, before_each: str) -> None:
+    """Add the --service and --idle-cores options that the service benchmarks share."""
+    parser.add_argument("--service", dest="services", type=parse_service, action="append",
+                        metavar="LABEL:NAME=VALUE,...",
+                        help="a service configuration, as in bench.compare (default: the server's defaults)")
+    parser.add_argument("--idle-cores", type=float, default=0.3,
+                        help=f"before each {before_each}, wait until other processes use fewer cores than "
+                             "this, up to 15 minutes (default: 0.3; 0 disables the wait)")
+
+
 def start_service(workdir: Path, config: ServiceConfig) -> ServerProcess:
     """Start a server for `config` in a child process and wait until it is ready."""
     settings = {**BENCHMARK_SETTINGS, **config.settings}

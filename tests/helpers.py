@@ -149,6 +149,23 @@ def files_under(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
 
 
+def job_files(root: Path) -> list[str]:
+    """List the files under `root`, skipping folders that the service deletes meanwhile."""
+    return [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names]
+
+
+def assert_no_job_files(root: Path, timeout: float = 5.0) -> None:
+    """Assert that `root` contains no files within `timeout` seconds.
+
+    A job's folder is deleted just after its `done` event is sent, so a client that
+    has read `done` may still see it for a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while job_files(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job_files(root) == []
+
+
 IN_PROCESS_START_SECONDS = 60
 
 

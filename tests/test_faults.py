@@ -37,8 +37,10 @@ from service.settings import Settings
 from tests.helpers import (
     Event,
     ServerProcess,
+    assert_no_job_files,
     ffmpeg,
     free_port,
+    job_files,
     read_events,
     start_server,
 )
@@ -106,23 +108,6 @@ def proc_number(pid: int, file: str, name: str) -> int:
             parts = value.split()
             return int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
     raise KeyError(f"/proc/{pid}/{file} has no field {name!r}")
-
-
-def job_files(root: Path) -> list[str]:
-    """List the files under `root`, skipping folders that the service deletes meanwhile."""
-    return [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names]
-
-
-def assert_no_job_files(root: Path, timeout: float = 5.0) -> None:
-    """Assert that `root` contains no files within `timeout` seconds.
-
-    A job's folder is deleted just after its `done` event is sent, so a client that
-    has read `done` may still see it for a moment.
-    """
-    deadline = time.monotonic() + timeout
-    while job_files(root) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert job_files(root) == []
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:

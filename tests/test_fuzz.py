@@ -8,7 +8,6 @@ with a 500 or leave a job folder behind.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, example, given, note, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ServerProcess, ffmpeg, read_events, start_server
+from tests.helpers import ServerProcess, assert_no_job_files, ffmpeg, read_events, start_server
 
 FORM_EXAMPLES = 25
 MUTATION_EXAMPLES = 40
@@ -85,23 +84,6 @@ def clips(tmp_path_factory: pytest.TempPathFactory, demo_video: Path) -> dict[st
         ffmpeg("-ss", "0.5", "-t", "2", "-i", str(demo_video), *options, str(folder / name))
         clip_bytes[name] = (folder / name).read_bytes()
     return clip_bytes
-
-
-def job_files(root: Path) -> list[str]:
-    """List the files under `root`, skipping folders that the service deletes meanwhile."""
-    return [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names]
-
-
-def assert_no_job_files(root: Path, timeout: float = 5.0) -> None:
-    """Assert that `root` contains no files within `timeout` seconds.
-
-    A job's folder is deleted just after its `done` event is sent, so a client that
-    has read `done` may still see it for a moment.
-    """
-    deadline = time.monotonic() + timeout
-    while job_files(root) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert job_files(root) == []
 
 
 def check_response(response: httpx.Response, endpoint: str) -> str:
