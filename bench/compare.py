@@ -491,7 +491,7 @@ def _measure(args: argparse.Namespace, command: str) -> tuple[list[Measurement],
               file=sys.stderr)
         runs: dict[str, list[Measurement]] = {}
         # Every round measures each method once, so slow drift in the machine's speed
-        # reaches all methods alike; each row then shows the run with the median time.
+        # reaches all methods alike. Each row then shows the run with the median time.
         for round_index in range(args.rounds):
             if args.rounds > 1:
                 print(f" round {round_index + 1} of {args.rounds}", file=sys.stderr)

@@ -2,9 +2,9 @@
 
 A segment decoded in one Whisper window comes back as one run of text with a time for
 every word (from the model's cross-attention), not as Whisper's own timestamped
-sentences. `group_words` turns those words into cues a reader can follow: a cue ends
-after a sentence, at a clear pause, or before it grows past two subtitle lines, in which
-case it breaks after the last comma when there is one.
+sentences. `group_words` turns those words into cues a reader can follow. A cue ends
+after a sentence, at a clear pause, or before it grows past two subtitle lines. In the
+last case it breaks after the last comma, when there is one.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The splitter cuts at pauses into segments of at most 29.5 s, so each one is a single pass
 of Whisper's encoder and a single beam search. `WhisperModel.transcribe` would give the
-same words, but it also spends time the service does not need: it asks the decoder for
-timestamp tokens to place its sentences, and it runs a second voice-activity pass over
-audio the splitter has already trimmed. On the 10-minute benchmark video this module
+same words, but it also spends time the service does not need. It requests timestamp
+tokens from the decoder to place its sentences, and it runs a second voice-activity pass
+over audio the splitter has already trimmed. On the 10-minute benchmark video this module
 uses a fifth less CPU for the same word error rate (see docs/benchmarks.md).
 
 What it does instead:
@@ -37,7 +37,7 @@ from faster_whisper.transcribe import get_compression_ratio, get_suppressed_toke
 from gpu_workers.segments import SAMPLE_RATE, SegmentInput, Word
 
 WINDOW_SECONDS = 30.0
-"""The audio Whisper's encoder sees at once."""
+"""The length of audio that Whisper's encoder takes in one pass."""
 
 MAX_AUDIO_SECONDS = 29.5
 """The longest segment decoded in one window; longer ones take `transcribe`.
@@ -58,7 +58,7 @@ APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 @dataclass(frozen=True)
 class WindowDecode:
-    """What one segment's window decode produced, with word times from the segment's start."""
+    """The result of one segment's window decode, with word times from the segment's start."""
 
     text: str
     language: str

@@ -156,7 +156,7 @@ def test_silence_gives_empty_result(transcriber):
 class BatchRecordingTranscriber:
     """The real transcriber, with each `transcribe_batch` call's segments recorded.
 
-    A call that holds segment `raise_on` raises instead, as a crash in the model would.
+    A call that contains segment `raise_on` raises instead, as a crash in the model would.
     """
 
     def __init__(self, raise_on: int | None = None) -> None:

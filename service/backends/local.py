@@ -80,10 +80,11 @@ class LocalBackend:
     ) -> AsyncIterator[SegmentResult | BaseException]:
         """Submit segments to the pool as they arrive; yield results as they finish.
 
-        Until the first result is out, each call takes one segment and at most one
-        segment per worker is taken from the splitter: the first words then wait on
-        neither a second segment in the same call nor the splitter racing ahead for
-        the same cores. After that, calls take up to `batch_size` segments.
+        Until the first result is out, each call takes one segment, and at most one
+        segment per worker is taken from the splitter. The first words then wait
+        neither for a second segment in the same call nor for the splitter, which
+        would compete for the same cores. After that, calls take up to `batch_size`
+        segments.
 
         Closing the iterator early cancels calls that have not started yet; a call
         already running in a thread finishes and its results are dropped.
@@ -104,9 +105,9 @@ class LocalBackend:
                 # long files and lets segments of concurrent jobs interleave in the pool.
                 # One segment more than the workers can take keeps the end of the input
                 # in sight, so the last segments can be shared out below.
-                held = len(waiting) + sum(len(group) for group in running.values())
+                outstanding = len(waiting) + sum(len(group) for group in running.values())
                 limit = (self.workers + 1) * batch + 1 if first_out else self.workers
-                if not exhausted and feeding is None and held < limit:
+                if not exhausted and feeding is None and outstanding < limit:
                     feeding = asyncio.ensure_future(anext(inputs))
                 while waiting and len(running) < self.workers:
                     size = min(batch, len(waiting))
