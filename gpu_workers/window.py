@@ -10,7 +10,8 @@ uses a fifth less CPU for the same word error rate (see docs/benchmarks.md).
 What it does instead:
 - The decoder writes text tokens only. Each word's time comes from aligning those
   tokens against the encoder output afterwards (faster-whisper's cross-attention
-  alignment, as for `word_timestamps=True`), which costs about 3 % of the decode.
+  alignment, as for `word_timestamps=True`), which costs about a tenth of the CPU of a
+  window decode (`bench.window_cost`).
   `gpu_workers.cues` then groups the words into sentence cues.
 - Segments are stacked into one batch, so one encoder call and one beam search serve
   them all; the local pool and a GPU both run a batch faster than its parts in turn.

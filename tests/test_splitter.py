@@ -119,6 +119,40 @@ def test_quietest_window_chosen_without_pause():
     assert first.span_end == dip * WINDOW
 
 
+def _second_cut(spans) -> float:
+    """Return where the second piece ends, in seconds from its start."""
+    audio, probs = _pattern(spans)
+    second = _split(audio, probs, CONFIG)[1]
+    return (second.span_end - second.span_start) / SAMPLE_RATE
+
+
+FIRST_PIECE = [("speech", 7), ("pause", 1.0)]
+
+
+def test_short_gap_near_target_beats_pause_far_before_it():
+    # After the first piece, the only pause lies 8.5 s before the target of 20 s.
+    # A gap of 128 ms between words lies at the target.
+    spans = FIRST_PIECE + [("speech", 11), ("pause", 1.0), ("speech", 8), ("pause", 0.128),
+                           ("speech", 15)]
+    assert _second_cut(spans) == pytest.approx(0.5 + 11 + 1.0 + 8 + 0.064, abs=0.05)
+
+
+def test_pause_beats_short_gap_a_little_nearer_the_target():
+    spans = FIRST_PIECE + [("speech", 18), ("pause", 0.5), ("speech", 1.5), ("pause", 0.128),
+                           ("speech", 15)]
+    assert _second_cut(spans) == pytest.approx(0.5 + 18 + 0.25, abs=0.05)
+
+
+def test_single_quiet_window_is_not_a_gap():
+    # One window under the silence threshold is a dip inside speech, not a gap; with
+    # a pause before the target the cut goes there.
+    audio, probs = _pattern(FIRST_PIECE + [("speech", 12), ("pause", 1.0), ("speech", 25)])
+    start = round(8 * WINDOWS_PER_SECOND) + round(20 * WINDOWS_PER_SECOND)
+    probs[start] = 0.05
+    second = _split(audio, probs, CONFIG)[1]
+    assert (second.span_end - second.span_start) / SAMPLE_RATE == pytest.approx(0.5 + 12 + 0.5, abs=0.05)
+
+
 def test_silent_audio_gives_no_speech_pieces():
     audio, probs = _pattern([("pause", 95)])
     pieces = _split(audio, probs, CONFIG)
