@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 import gpu_workers.window
 from gpu_workers.segments import SAMPLE_RATE, SegmentInput, SegmentResult, TranscribeOptions
@@ -102,6 +103,16 @@ def test_batch_results_keep_input_order(transcriber, demo_pcm):
     for batched, single in zip(together, alone):
         assert word_error_rate(single.text, batched.text) <= 0.05
         assert_cues_in_order(batched)
+
+
+def test_encoder_one_item_at_a_time_matches_batch(transcriber, demo_pcm):
+    decoder = transcriber.window
+    features = [decoder._features(piece(demo_pcm, 0.0, 12.0)),
+                decoder._features(piece(demo_pcm, 20.0, 45.0))]
+    alone = np.asarray(decoder._encode(features))
+    together = np.asarray(decoder.model.encode(np.stack(features)))
+    assert alone.shape == together.shape == (2, 1500, 384)
+    np.testing.assert_allclose(alone, together, atol=1e-4)
 
 
 def test_differing_options_decode_apart(transcriber, demo_pcm, monkeypatch):
@@ -224,6 +235,15 @@ def test_crashed_call_fails_only_its_segments(demo_pcm):
     assert failed == sorted(crashed)
     assert all("injected crash" in (result.error or "") for result in results if result.failed)
     assert sorted(result.index for result in results) == list(range(8))
+
+
+def test_pool_keeps_blas_to_one_thread(demo_pcm):
+    backend = LocalBackend(ModelConfig(num_workers=2), 2, batch_size=2)
+    asyncio.run(run_map(backend, demo_segments(demo_pcm, 2)))
+
+    blas = [library for library in threadpool_info() if library["user_api"] == "blas"]
+    assert blas, "NumPy reports no BLAS library"
+    assert all(library["num_threads"] == 1 for library in blas)
 
 
 def test_batch_size_must_be_positive():
