@@ -5,7 +5,7 @@ of Whisper's encoder and a single beam search. `WhisperModel.transcribe` would g
 same words, but it also spends time the service does not need. It requests timestamp
 tokens from the decoder to place its sentences, and it runs a second voice-activity pass
 over audio the splitter has already trimmed. On the 10-minute benchmark video this module
-uses a fifth less CPU for the same word error rate (see docs/benchmarks.md).
+uses an eighth less CPU, with a lower word error rate (see docs/benchmarks.md).
 
 What it does instead:
 - The decoder writes text tokens only. Each word's time comes from aligning those
