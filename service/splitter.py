@@ -133,7 +133,7 @@ class PauseSplitter:
         return int(target * per_second), int(maximum * per_second)
 
     def _quiet_runs(self, limit: int, min_windows: int) -> list[tuple[int, int]]:
-        """Return (start, end) window ranges of quiet runs, at least `min_windows` long, before `limit`."""
+        """Return (start, end) window ranges of quiet runs of `min_windows` or more before `limit`."""
         silent = self._probs[:limit] < SILENCE_PROBABILITY
         runs = []
         run_start = None
@@ -155,13 +155,14 @@ class PauseSplitter:
         if available < target:
             return None
         earliest = target // 2
-        limit = min(available, maximum)
-        pauses = self._quiet_runs(limit, self._min_pause_windows)
-        if not any(_middle(run) >= target for run in pauses) and available < maximum:
+        shortest = min(SHORT_GAP_WINDOWS, self._min_pause_windows)
+        runs = [run for run in self._quiet_runs(min(available, maximum), shortest)
+                if _middle(run) >= earliest]
+        pause_past_target = any(_middle(run) >= target and run[1] - run[0] >= self._min_pause_windows
+                                for run in runs)
+        if not pause_past_target and available < maximum:
             return None
         per_second = SAMPLE_RATE / WINDOW
-        runs = [run for run in self._quiet_runs(limit, min(SHORT_GAP_WINDOWS, self._min_pause_windows))
-                if _middle(run) >= earliest]
         if runs:
             # Each second away from the target costs one point and each second of quiet
             # earns two, so a clear sentence break beats a breath a little nearer.
