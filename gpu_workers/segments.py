@@ -93,3 +93,14 @@ class SegmentResult:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+    @classmethod
+    def failure(cls, segment: SegmentInput, error: BaseException, worker_seconds: float = 0.0) -> SegmentResult:
+        """Build the result of a segment that `error` stopped, placed like a transcript."""
+        return cls(
+            index=segment.index,
+            start=round(segment.offset, 3),
+            end=round(segment.end, 3),
+            error=f"{type(error).__name__}: {error}",
+            worker_seconds=worker_seconds,
+        )

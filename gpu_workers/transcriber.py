@@ -168,13 +168,7 @@ class SegmentTranscriber:
     @staticmethod
     def _failure(segment: SegmentInput, error: Exception, started: float) -> SegmentResult:
         logger.warning("Segment %d failed: %s", segment.index, error, exc_info=True)
-        return SegmentResult(
-            index=segment.index,
-            start=segment.offset,
-            end=segment.end,
-            error=f"{type(error).__name__}: {error}",
-            worker_seconds=time.perf_counter() - started,
-        )
+        return SegmentResult.failure(segment, error, worker_seconds=time.perf_counter() - started)
 
     @staticmethod
     def _window_result(segment: SegmentInput, decode: WindowDecode, seconds: float) -> SegmentResult:

@@ -174,11 +174,7 @@ def _results(future: asyncio.Future[list[SegmentResult]], group: list[SegmentInp
     except Exception as error:  # noqa: BLE001 - reported per segment, the job goes on
         indices = ", ".join(str(segment.index) for segment in group)
         logger.warning("A call with segments %s failed: %s", indices, error, exc_info=True)
-        return [
-            SegmentResult(index=segment.index, start=segment.offset, end=segment.end,
-                          error=f"{type(error).__name__}: {error}")
-            for segment in group
-        ]
+        return [SegmentResult.failure(segment, error) for segment in group]
 
 
 def _limit_malloc_arenas(count: int) -> None:

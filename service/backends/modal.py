@@ -278,11 +278,6 @@ class _Failures:
         results = []
         for index, (error, _) in zip(indices, owners):
             segment = unanswered.pop(index)
-            results.append(SegmentResult(
-                index=segment.index,
-                start=round(segment.offset, 3),
-                end=round(segment.end, 3),
-                error=f"{type(error).__name__}: {error}",
-            ))
+            results.append(SegmentResult.failure(segment, error))
             logger.warning("Segment %d failed on Modal: %s", segment.index, results[-1].error)
         return results
