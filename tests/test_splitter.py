@@ -129,7 +129,7 @@ def _second_cut(spans) -> float:
 FIRST_PIECE = [("speech", 7), ("pause", 1.0)]
 
 
-def test_short_gap_near_target_beats_pause_far_before_it():
+def test_short_gap_beats_distant_pause():
     # After the first piece, the only pause lies 8.5 s before the target of 20 s.
     # A gap of 128 ms between words lies at the target.
     spans = FIRST_PIECE + [("speech", 11), ("pause", 1.0), ("speech", 8), ("pause", 0.128),
@@ -137,15 +137,15 @@ def test_short_gap_near_target_beats_pause_far_before_it():
     assert _second_cut(spans) == pytest.approx(0.5 + 11 + 1.0 + 8 + 0.064, abs=0.05)
 
 
-def test_pause_beats_short_gap_a_little_nearer_the_target():
+def test_pause_beats_nearer_short_gap():
     spans = FIRST_PIECE + [("speech", 18), ("pause", 0.5), ("speech", 1.5), ("pause", 0.128),
                            ("speech", 15)]
     assert _second_cut(spans) == pytest.approx(0.5 + 18 + 0.25, abs=0.05)
 
 
 def test_single_quiet_window_is_not_a_gap():
-    # One window under the silence threshold is a dip inside speech, not a gap; with
-    # a pause before the target the cut goes there.
+    # One window under the silence threshold is a dip inside speech, not a gap. The
+    # cut goes to the pause before the target instead.
     audio, probs = _pattern(FIRST_PIECE + [("speech", 12), ("pause", 1.0), ("speech", 25)])
     start = round(8 * WINDOWS_PER_SECOND) + round(20 * WINDOWS_PER_SECOND)
     probs[start] = 0.05

@@ -19,7 +19,7 @@ from gpu_workers.transcriber import ModelConfig, SegmentTranscriber
 logger = logging.getLogger(__name__)
 
 MALLOC_ARENAS = 2
-"""The most malloc arenas the process may use, unless the MALLOC_ARENA_MAX variable is set.
+"""Maximum number of malloc arenas for the process, unless the MALLOC_ARENA_MAX variable is set.
 
 glibc gives threads arenas of their own, up to eight per core, and memory freed in one
 arena serves only the threads that use it. With two workers, the 10-minute benchmark video
@@ -40,8 +40,8 @@ class LocalBackend:
 
     A worker that comes free takes up to `batch_size` waiting segments of the job and
     decodes them in one model call (`SegmentTranscriber.transcribe_batch`). On two CPU
-    cores, two segments per call used a tenth less CPU than one at a time, for about
-    100 MB more memory (docs/benchmarks.md).
+    cores, two segments per call used a tenth less CPU than one at a time, and the
+    10-minute benchmark video peaked at 501 MB against 469 MB (docs/benchmarks.md).
     """
 
     name = "local"
@@ -178,8 +178,12 @@ def _results(future: asyncio.Future[list[SegmentResult]], group: list[SegmentInp
 
 
 def _limit_malloc_arenas(count: int) -> None:
-    """Cap glibc's malloc arenas at `count`; leave other C libraries and a set MALLOC_ARENA_MAX alone."""
+    """Limit glibc's malloc to `count` arenas.
+
+    Other C libraries, and a process started with MALLOC_ARENA_MAX, are left as they are.
+    """
     if "MALLOC_ARENA_MAX" in os.environ or platform.libc_ver()[0] != "glibc":
         return
     if not ctypes.CDLL(None).mallopt(M_ARENA_MAX, count):
-        logger.warning("Could not limit malloc to %d arenas", count)
+        logger.warning("mallopt failed to limit malloc to %d arenas; set MALLOC_ARENA_MAX=%d "
+                       "before starting the server to lower peak memory", count, count)
