@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -116,6 +117,34 @@ def test_encoder_one_item_at_a_time_matches_batch(transcriber, demo_pcm):
     assert len(items) == 2
     for index, item in enumerate(items):
         np.testing.assert_array_equal(np.asarray(item)[0], np.asarray(output)[index])
+
+
+def test_cpu_workers_take_turns_at_encoder(transcriber, demo_pcm, monkeypatch):
+    decoder = transcriber.window
+    features = [decoder._features(piece(demo_pcm, 0.0, 12.0))]
+    encode = decoder.model.encode
+    lock = threading.Lock()
+    running = [0]
+    most_running = [0]
+
+    def slow_encode(batch):
+        with lock:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+        try:
+            time.sleep(0.2)
+            return encode(batch)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(decoder.model, "encode", slow_encode)
+    threads = [threading.Thread(target=decoder._encode, args=(features,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most_running[0] == 1
 
 
 def test_cpu_aligns_batch_items_one_at_a_time(transcriber, demo_pcm, monkeypatch):
