@@ -13,8 +13,9 @@ What it does instead:
   alignment, as for `word_timestamps=True`), which costs about a tenth of the CPU of a
   window decode (`bench.window_cost`).
   `gpu_workers.cues` then groups the words into sentence cues.
-- Segments are stacked into one batch, so one encoder call and one beam search serve
-  them all; the local pool and a GPU both run a batch faster than its parts in turn.
+- Segments are stacked into one batch, so one beam search serves them all. The local
+  pool and a GPU both run a batch faster than its parts in turn. A GPU also encodes and
+  aligns the batch in one call, and a CPU takes those steps one segment at a time.
 - Faster-whisper's quality checks still apply: a decode that is too repetitive or too
   unlikely is flagged, and the caller decodes that segment again with
   `WhisperModel.transcribe` and its fallback to higher temperatures. So is a decode
@@ -188,10 +189,9 @@ class WindowDecoder:
         # each, the service peaked 30 to 45 MB lower at 10 and 60 minutes, in the same time.
         with self._encoder_turn:
             outputs = [np.asarray(self.model.encode(item[np.newaxis])) for item in features]
-        if len(outputs) == 1:
-            output = ctranslate2.StorageView.from_array(outputs[0])
-            return output, [output]
         items = [ctranslate2.StorageView.from_array(output) for output in outputs]
+        if len(items) == 1:
+            return items[0], items
         return ctranslate2.StorageView.from_array(np.concatenate(outputs)), items
 
     def _frames(self, segment: SegmentInput) -> int:
