@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -42,14 +43,18 @@ class ServiceConfig:
 
 
 def parse_service(text: str) -> ServiceConfig:
-    """Parse `LABEL:NAME=VALUE,...` for argparse; setting names are lower-cased except env.NAME."""
+    """Parse `LABEL:NAME=VALUE,...` for argparse; setting names are lower-cased except env.NAME.
+
+    A value that holds a comma writes it as `\\,` (for example `env.MALLOC_CONF=a:1\\,b:2`).
+    """
     label, separator, spec = text.partition(":")
     if not separator or not label or label in ("plain", "batched"):
         raise argparse.ArgumentTypeError(
             f"--service takes LABEL:NAME=VALUE,... with a label other than plain or batched, got {text!r}"
         )
     settings = {}
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, re.split(r"(?<!\\),", spec)):
+        item = item.replace("\\,", ",")
         name, equals, value = item.partition("=")
         if not equals:
             raise argparse.ArgumentTypeError(f"--service setting {item!r} is not NAME=VALUE")

@@ -48,13 +48,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
+    from service.allocator import loaded_allocator, restart_under
     from service.settings import Settings
 
     overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value}
     settings = Settings.from_env(**overrides)
+    try:
+        restart_under(settings.allocator)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"streamscribe: {error}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.getLogger(__name__).info("Memory allocator: %s", loaded_allocator())
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     return 0

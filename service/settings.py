@@ -37,6 +37,9 @@ class Settings:
     # Segments a local worker decodes in one model call once the first result is out.
     batch_size: int = 2
     beam_size: int = 5
+    # The C memory allocator `streamscribe serve` runs on: "auto" (jemalloc when it is
+    # installed), "jemalloc" (fail without it), "system", or a path to a jemalloc library.
+    allocator: str = "auto"
 
     # Splitting, in seconds of audio. Each piece of up to 29.5 s is one Whisper window,
     # which costs the same however little audio it holds, so pieces are cut near 27 s.

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
-import platform
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,21 +12,9 @@ from threadpoolctl import threadpool_limits
 
 from gpu_workers.segments import SegmentInput, SegmentResult
 from gpu_workers.transcriber import ModelConfig, SegmentTranscriber
+from service.allocator import limit_glibc_arenas
 
 logger = logging.getLogger(__name__)
-
-MALLOC_ARENAS = 2
-"""Maximum number of malloc arenas for the process, unless the MALLOC_ARENA_MAX variable is set.
-
-glibc gives threads arenas of their own, up to eight per core, and memory freed in one
-arena serves only the threads that use it. With two workers, the 10-minute benchmark video
-peaked at 501 MB with two arenas against 586 MB without a limit, for the same time
-(three runs each of `bench.compare --service`).
-"""
-
-M_ARENA_MAX = -8
-"""glibc's `mallopt` parameter number for the arena limit (malloc.h)."""
-
 
 class LocalBackend:
     """Transcribes segments on `workers` threads sharing one loaded model.
@@ -85,7 +70,7 @@ class LocalBackend:
         # and the job ran 4 % slower. The limit holds for the whole process.
         threadpool_limits(limits=1, user_api="blas")
         # Before the model starts CTranslate2's worker threads, which take arenas then.
-        _limit_malloc_arenas(MALLOC_ARENAS)
+        limit_glibc_arenas()
         loop = asyncio.get_running_loop()
         self._transcriber = await loop.run_in_executor(self._executor, self._factory, self.config)
         self._loaded.set()
@@ -175,15 +160,3 @@ def _results(future: asyncio.Future[list[SegmentResult]], group: list[SegmentInp
         indices = ", ".join(str(segment.index) for segment in group)
         logger.warning("A call with segments %s failed: %s", indices, error, exc_info=True)
         return [SegmentResult.failure(segment, error) for segment in group]
-
-
-def _limit_malloc_arenas(count: int) -> None:
-    """Limit glibc's malloc to `count` arenas.
-
-    Other C libraries, and a process started with MALLOC_ARENA_MAX, are left as they are.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or platform.libc_ver()[0] != "glibc":
-        return
-    if not ctypes.CDLL(None).mallopt(M_ARENA_MAX, count):
-        logger.warning("mallopt failed to limit malloc to %d arenas; set MALLOC_ARENA_MAX=%d "
-                       "before starting the server to lower peak memory", count, count)

@@ -1,0 +1,120 @@
+"""The server's C memory allocator: jemalloc where it is installed, glibc's malloc otherwise.
+
+With glibc's malloc, the server's resident peak grew with video length: 371, 455 and
+509 MB at 1, 10 and 60 minutes. The memory in use at the peak hardly grew (225 to 239 MB). The two workers' allocations, many of them several
+megabytes, interleave in glibc's arenas and leave free memory scattered there that glibc
+cannot give back. Under jemalloc, which sorts allocations by size class and gives free
+pages back, the same benchmark peaked at 394, 453 and 457 MB: the peak is reached within the
+first minutes and then holds. It costs 1 to 3 % more CPU time. jemalloc's options that
+keep freed large blocks for reuse ran up to 10 % faster but peaked at 511 to 607 MB and
+still grew with length, and tcmalloc grew like glibc (`bench.compare --methods service`,
+two rounds of each, Debian's jemalloc 5.3 and gperftools 2.10).
+
+A process's malloc can only be replaced before the C library hands out its first block,
+which means before Python starts. `streamscribe serve` therefore calls `restart_under()`
+first: when the setting asks for jemalloc and it is not loaded yet, the same command runs
+again, in the same process (`exec`), with the library in LD_PRELOAD.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHOICES = ("auto", "jemalloc", "system")
+"""Values of the `allocator` setting; a path to a jemalloc library also works."""
+
+MALLOC_ARENAS = 2
+"""Maximum number of glibc malloc arenas, unless the MALLOC_ARENA_MAX variable is set.
+
+glibc gives threads arenas of their own, up to eight per core, and memory freed in one
+arena serves only the threads that use it. With two workers, the 10-minute benchmark video
+peaked at 501 MB with two arenas against 586 MB without a limit, for the same time
+(three runs each of `bench.compare --service`).
+"""
+
+M_ARENA_MAX = -8
+"""glibc's `mallopt` parameter number for the arena limit (malloc.h)."""
+
+
+def restart_command(
+    choice: str,
+    environ: Mapping[str, str],
+    argv: list[str],
+    find_library: Callable[[str], str | None] = ctypes.util.find_library,
+) -> tuple[list[str], dict[str, str]] | None:
+    """Return the command and environment that run `argv` again under jemalloc.
+
+    None means the process can go on as it is: the choice is "system", jemalloc is
+    already in LD_PRELOAD, or "auto" found no jemalloc. Raises ValueError for an unknown
+    choice and FileNotFoundError when "jemalloc" or a path names a library that is not
+    there.
+    """
+    if choice == "system" or platform.system() != "Linux":
+        return None
+    if choice in ("auto", "jemalloc"):
+        library = find_library("jemalloc")
+        if library is None:
+            if choice == "jemalloc":
+                raise FileNotFoundError("STREAMSCRIBE_ALLOCATOR=jemalloc, but no jemalloc library is "
+                                        "installed (Debian and Ubuntu: apt-get install libjemalloc2)")
+            return None
+    elif "/" in choice:
+        if not Path(choice).is_file():
+            raise FileNotFoundError(f"STREAMSCRIBE_ALLOCATOR={choice!r} is not a file")
+        library = choice
+    else:
+        raise ValueError(f"STREAMSCRIBE_ALLOCATOR must be one of {', '.join(CHOICES)} "
+                         f"or a path to a jemalloc library, got {choice!r}")
+    preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    if any(Path(item).name == Path(library).name for item in preloaded):
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = " ".join([library, *preloaded])
+    return argv, env
+
+
+def restart_under(choice: str) -> None:
+    """Replace this process with the same command under jemalloc when `choice` requests it.
+
+    Call it before anything starts a thread; nothing after it runs when it restarts.
+    """
+    command = restart_command(choice, os.environ, [sys.executable, *sys.orig_argv[1:]])
+    if command is not None:
+        argv, env = command
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, argv, env)
+
+
+def loaded_allocator() -> str:
+    """Name the allocator this process runs on: "jemalloc" or the C library's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if "libjemalloc" in maps:
+        return "jemalloc"
+    libc = platform.libc_ver()[0]
+    return f"{libc} malloc" if libc else "the C library's malloc"
+
+
+def limit_glibc_arenas(count: int = MALLOC_ARENAS) -> None:
+    """Limit glibc's malloc to `count` arenas; a no-op under any other allocator.
+
+    A process started with MALLOC_ARENA_MAX keeps what it was given. Call it before the
+    model starts CTranslate2's threads, which take their arenas when they first allocate.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or loaded_allocator() != "glibc malloc":
+        return
+    if not ctypes.CDLL(None).mallopt(M_ARENA_MAX, count):
+        logger.warning("mallopt failed to limit malloc to %d arenas; set MALLOC_ARENA_MAX=%d "
+                       "before starting the server to lower peak memory", count, count)
