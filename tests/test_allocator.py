@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.allocator import restart_command
+from service.allocator import JEMALLOC_CONF, restart_command
 from tests.helpers import ROOT, ServerProcess, start_server, transcribe
 
 JEMALLOC = ctypes.util.find_library("jemalloc")
@@ -48,6 +48,16 @@ def test_restart_keeps_other_preloaded_libraries():
                                      "/opt/libhook.so:libjemalloc.so.2"])
 def test_no_restart_once_jemalloc_is_preloaded(preload):
     assert restart_command("auto", {"LD_PRELOAD": preload}, ARGV, found) is None
+
+
+def test_restart_sets_jemalloc_options():
+    _, env = restart_command("auto", {}, ARGV, found)
+    assert env["MALLOC_CONF"] == JEMALLOC_CONF
+
+
+def test_operator_malloc_conf_is_kept():
+    _, env = restart_command("auto", {"MALLOC_CONF": "narenas:1"}, ARGV, found)
+    assert env["MALLOC_CONF"] == "narenas:1"
 
 
 def test_no_restart_for_system_or_missing():
