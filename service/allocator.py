@@ -1,18 +1,19 @@
 """The server's C memory allocator: jemalloc where it is installed, glibc's malloc otherwise.
 
-With glibc's malloc, the server's resident peak grew with video length: 371, 455 and
-509 MB at 1, 10 and 60 minutes. The memory in use at the peak hardly grew (225 to 239 MB). The two workers' allocations, many of them several
-megabytes, interleave in glibc's arenas and leave free memory scattered there that glibc
-cannot give back. Under jemalloc, which sorts allocations by size class and gives free
-pages back, the same benchmark peaked at 394, 453 and 457 MB: the peak is reached within the
-first minutes and then holds. It costs 1 to 3 % more CPU time. jemalloc's options that
-keep freed large blocks for reuse ran up to 10 % faster but peaked at 511 to 607 MB and
-still grew with length, and tcmalloc grew like glibc (`bench.compare --methods service`,
-two rounds of each, Debian's jemalloc 5.3 and gperftools 2.10).
+With glibc's malloc, the server's resident peak grew with video length: 367, 473 and
+524 MB at 1, 10 and 60 minutes. The memory in use at the peak hardly grew (225 to
+239 MB). The two workers' allocations, many of them several megabytes, interleave in
+glibc's arenas and leave free memory scattered there that glibc does not give back.
+jemalloc spreads threads over several arenas, so each worker tends to reuse its own
+blocks: with `JEMALLOC_CONF` the peak was 523, 590 and 606 MB, higher for short videos
+but reached within the first minute (`python -m bench.compare`, three rounds each).
+The 60-minute job also took about 12 % less CPU, 123 to 126 s against 141 to 144 s,
+because large blocks are reused rather than mapped afresh. docs/benchmarks.md compares
+more allocators and options.
 
 A process's malloc can only be replaced before the C library hands out its first block,
 which means before Python starts. `streamscribe serve` therefore calls `restart_under()`
-first: when the setting asks for jemalloc and it is not loaded yet, the same command runs
+first: when the setting requests jemalloc and it is not loaded yet, the same command runs
 again, in the same process (`exec`), with the library in LD_PRELOAD.
 """
 
@@ -35,12 +36,12 @@ CHOICES = ("auto", "jemalloc", "system")
 JEMALLOC_CONF = "oversize_threshold:0"
 """jemalloc options the server starts with, unless MALLOC_CONF is set.
 
-By default jemalloc gives blocks of 8 MB or more to an arena of their own that returns
-them to the system as soon as they are freed. The encoder's attention matrices, about
-52 MB each with tiny.en, then come back as fresh pages, zeroed by the kernel, in every
-call. With jemalloc's defaults the 10-minute video took 14.5 s and 27.7 s of CPU; with
-this option large blocks stay in the arena of the thread that freed them, and the run
-took 11.6 s and 22.4 s of CPU.
+By default jemalloc gives blocks of 8 MiB or more to an arena of their own that returns
+them to the system as soon as they are freed. The encoder's attention matrices, 51.5 MiB
+each with tiny.en, then come back as fresh pages, zeroed by the kernel, in every call.
+With jemalloc's defaults the 10-minute video took 14.5 s and 27.7 s of CPU. With this
+option large blocks stay in the arena of the thread that freed them, and it took 12.3 s
+and 23.6 s of CPU.
 """
 
 MALLOC_ARENAS = 2
@@ -108,7 +109,7 @@ def restart_under(choice: str) -> None:
 
 
 def loaded_allocator() -> str:
-    """Name the allocator this process runs on: "jemalloc" or the C library's."""
+    """Return the name of the allocator this process runs on: "jemalloc" or the C library's malloc."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
