@@ -70,6 +70,9 @@ def restart_command(
     choice and FileNotFoundError when "jemalloc" or a path names a library that is not
     there.
     """
+    if choice not in CHOICES and "/" not in choice:
+        raise ValueError(f"STREAMSCRIBE_ALLOCATOR must be one of {', '.join(CHOICES)} "
+                         f"or a path to a jemalloc library, got {choice!r}")
     if choice == "system" or platform.system() != "Linux":
         return None
     if choice in ("auto", "jemalloc"):
@@ -79,13 +82,10 @@ def restart_command(
                 raise FileNotFoundError("STREAMSCRIBE_ALLOCATOR=jemalloc, but no jemalloc library is "
                                         "installed (Debian and Ubuntu: apt-get install libjemalloc2)")
             return None
-    elif "/" in choice:
+    else:
         if not Path(choice).is_file():
             raise FileNotFoundError(f"STREAMSCRIBE_ALLOCATOR={choice!r} is not a file")
         library = choice
-    else:
-        raise ValueError(f"STREAMSCRIBE_ALLOCATOR must be one of {', '.join(CHOICES)} "
-                         f"or a path to a jemalloc library, got {choice!r}")
     preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if any(Path(item).name == Path(library).name for item in preloaded):
         return None
