@@ -45,7 +45,7 @@ class ServiceConfig:
 def parse_service(text: str) -> ServiceConfig:
     """Parse `LABEL:NAME=VALUE,...` for argparse; setting names are lower-cased except env.NAME.
 
-    A value that holds a comma writes it as `\\,` (for example `env.MALLOC_CONF=a:1\\,b:2`).
+    A value that contains a comma writes it as `\\,` (for example `env.MALLOC_CONF=a:1\\,b:2`).
     """
     label, separator, spec = text.partition(":")
     if not separator or not label or label in ("plain", "batched"):

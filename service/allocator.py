@@ -31,7 +31,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "jemalloc", "system")
-"""Values of the `allocator` setting; a path to a jemalloc library also works."""
+"""Named values of the `allocator` setting, which also accepts the path of a jemalloc library."""
 
 JEMALLOC_CONF = "oversize_threshold:0"
 """jemalloc options the server starts with, unless MALLOC_CONF is set.
@@ -71,20 +71,21 @@ def restart_command(
     there.
     """
     if choice not in CHOICES and "/" not in choice:
-        raise ValueError(f"STREAMSCRIBE_ALLOCATOR must be one of {', '.join(CHOICES)} "
-                         f"or a path to a jemalloc library, got {choice!r}")
+        raise ValueError(f"invalid STREAMSCRIBE_ALLOCATOR {choice!r}: expected one of "
+                         f"{', '.join(CHOICES)}, or the path of a jemalloc library")
     if choice == "system" or platform.system() != "Linux":
         return None
     if choice in ("auto", "jemalloc"):
         library = find_library("jemalloc")
         if library is None:
             if choice == "jemalloc":
-                raise FileNotFoundError("STREAMSCRIBE_ALLOCATOR=jemalloc, but no jemalloc library is "
-                                        "installed (Debian and Ubuntu: apt-get install libjemalloc2)")
+                raise FileNotFoundError("STREAMSCRIBE_ALLOCATOR=jemalloc, but the jemalloc library was not "
+                                        "found: install it (Debian and Ubuntu: apt-get install "
+                                        "libjemalloc2) or set STREAMSCRIBE_ALLOCATOR=system")
             return None
     else:
         if not Path(choice).is_file():
-            raise FileNotFoundError(f"STREAMSCRIBE_ALLOCATOR={choice!r} is not a file")
+            raise FileNotFoundError(f"STREAMSCRIBE_ALLOCATOR={choice!r}: library file not found")
         library = choice
     preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if any(Path(item).name == Path(library).name for item in preloaded):
@@ -121,7 +122,7 @@ def loaded_allocator() -> str:
 
 
 def limit_glibc_arenas(count: int = MALLOC_ARENAS) -> None:
-    """Limit glibc's malloc to `count` arenas; a no-op under any other allocator.
+    """Limit glibc's malloc to `count` arenas. Under any other allocator, do nothing.
 
     A process started with MALLOC_ARENA_MAX keeps what it was given. Call it before the
     model starts CTranslate2's threads, which take their arenas when they first allocate.

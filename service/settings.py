@@ -38,7 +38,7 @@ class Settings:
     batch_size: int = 2
     beam_size: int = 5
     # The C memory allocator `streamscribe serve` runs on: "auto" (jemalloc when it is
-    # installed), "jemalloc" (fail without it), "system", or a path to a jemalloc library.
+    # installed), "jemalloc" (exit when it is missing), "system", or a path to a jemalloc library.
     allocator: str = "auto"
 
     # Splitting, in seconds of audio. Each piece of up to 29.5 s is one Whisper window,

@@ -1,4 +1,4 @@
-"""The server runs on jemalloc when it is installed, and on glibc's malloc when asked to."""
+"""The server runs on jemalloc when it is installed, and on glibc's malloc when configured so."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_restart_keeps_other_preloaded_libraries():
 
 @pytest.mark.parametrize("preload", ["libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                                      "/opt/libhook.so:libjemalloc.so.2"])
-def test_no_restart_once_jemalloc_is_preloaded(preload):
+def test_no_restart_when_already_preloaded(preload):
     assert restart_command("auto", {"LD_PRELOAD": preload}, ARGV, found) is None
 
 
@@ -65,13 +65,13 @@ def test_no_restart_for_system_or_missing():
     assert restart_command("auto", {}, ARGV, missing) is None
 
 
-def test_jemalloc_required_but_missing_is_an_error():
+def test_required_jemalloc_missing_raises():
     with pytest.raises(FileNotFoundError, match="apt-get install libjemalloc2"):
         restart_command("jemalloc", {}, ARGV, missing)
 
 
 def test_library_path_must_exist(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a file"):
+    with pytest.raises(FileNotFoundError, match="library file not found"):
         restart_command(str(tmp_path / "libjemalloc.so.2"), {}, ARGV, found)
     library = tmp_path / "libjemalloc.so.2"
     library.write_bytes(b"")
@@ -79,7 +79,7 @@ def test_library_path_must_exist(tmp_path):
     assert env["LD_PRELOAD"] == str(library)
 
 
-def test_unknown_choice_is_an_error():
+def test_unknown_choice_raises():
     with pytest.raises(ValueError, match="auto, jemalloc, system"):
         restart_command("tcmalloc", {}, ARGV, found)
 
@@ -89,7 +89,7 @@ def test_serve_rejects_unknown_allocator():
     result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "STREAMSCRIBE_ALLOCATOR must be one of" in result.stderr
+    assert "invalid STREAMSCRIBE_ALLOCATOR 'tcmalloc'" in result.stderr
 
 
 @needs_jemalloc
